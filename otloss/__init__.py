@@ -1,0 +1,43 @@
+"""otloss: differentiable one-dimensional optimal-transport losses for PyTorch, and AOT.
+
+``import otloss`` needs only torch and numpy.
+"""
+
+from otloss._validation import get_validate_args, set_validate_args
+from otloss.costs import Cost, abs_pow, get_cost, hinge, least_squares, logistic, squared_hinge, zero_one
+from otloss.coupling import Coupling, quantile_coupling
+from otloss.diagnostics import fsd_report, quantile_function, quantile_margins
+from otloss.functional import aot_loss, fsd_violation, ot_h_1d
+from otloss.modules import AOTLoss, FSDViolation, OTLoss
+from otloss.sorting import SoftSort, hard_sort, soft_sort, torchsort_available
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AOTLoss",
+    "Cost",
+    "Coupling",
+    "FSDViolation",
+    "OTLoss",
+    "SoftSort",
+    "__version__",
+    "abs_pow",
+    "aot_loss",
+    "fsd_report",
+    "fsd_violation",
+    "get_cost",
+    "get_validate_args",
+    "hard_sort",
+    "hinge",
+    "least_squares",
+    "logistic",
+    "ot_h_1d",
+    "quantile_coupling",
+    "quantile_function",
+    "quantile_margins",
+    "set_validate_args",
+    "soft_sort",
+    "squared_hinge",
+    "torchsort_available",
+    "zero_one",
+]

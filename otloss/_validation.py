@@ -1,0 +1,107 @@
+"""Input checks shared by every public function.
+
+Metadata checks (types, shapes, dtypes, devices, emptiness) are always on: they
+cost nothing. Value checks (NaN/Inf, negative weights, weights that do not sum to
+a positive number) read tensor values, which forces a host-device synchronisation
+on a GPU; like ``torch.distributions`` they follow a per-call ``validate_args``
+argument whose default comes from :func:`set_validate_args`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["get_validate_args", "set_validate_args"]
+
+_VALIDATE_ARGS = True
+
+
+def set_validate_args(value: bool) -> None:
+    """Set the default of ``validate_args`` for every otloss function.
+
+    Args:
+        value: ``True`` (the initial default) checks values for NaN/Inf and weights
+            for negativity on every call; ``False`` skips those checks, which avoids
+            a host-device synchronisation per call on a GPU.
+    """
+    global _VALIDATE_ARGS
+    if not isinstance(value, bool):
+        raise TypeError(f"set_validate_args: value must be a bool, got {type(value).__name__}")
+    _VALIDATE_ARGS = value
+
+
+def get_validate_args() -> bool:
+    """Return the current default of ``validate_args``."""
+    return _VALIDATE_ARGS
+
+
+def resolve_validate(validate_args: bool | None) -> bool:
+    if validate_args is None:
+        return _VALIDATE_ARGS
+    if not isinstance(validate_args, bool):
+        raise TypeError(f"validate_args must be a bool or None, got {type(validate_args).__name__}")
+    return validate_args
+
+
+def check_values_tensor(x: object, name: str, *, min_dim: int = 1) -> Tensor:
+    """Metadata checks for a tensor of values: a floating tensor, non-empty."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} must have a floating-point dtype (float16, bfloat16, float32 or float64), got {x.dtype}"
+        )
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got a tensor of shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must be non-empty, got a tensor of shape {tuple(x.shape)}")
+    return x
+
+
+def check_same_dtype_device(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}")
+
+
+def check_finite(x: Tensor, name: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise ValueError(
+            f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf); "
+            "pass finite values, or validate_args=False to skip this check"
+        )
+
+
+def check_weights(w: object, values: Tensor, name: str, values_name: str, validate: bool) -> Tensor | None:
+    """Check a weight tensor against its values and broadcast it to their shape."""
+    if w is None:
+        return None
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(w).__name__}")
+    if not w.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {w.dtype}")
+    if w.device != values.device:
+        raise ValueError(f"{name} must be on the same device as {values_name}, got {w.device} and {values.device}")
+    try:
+        w = w.expand(values.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{name} must have the shape of {values_name} {tuple(values.shape)} or broadcast to it, "
+            f"got {tuple(w.shape)}"
+        ) from None
+    if validate:
+        check_finite(w, name)
+        if bool((w < 0).any()):
+            raise ValueError(f"{name} must be non-negative, got a minimum of {float(w.min())}")
+        if bool((w.sum(-1) <= 0).any()):
+            raise ValueError(f"{name} must sum to a positive number along the last dimension (each row)")
+    return w
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,310 @@
+"""Functional API: ``ot_h_1d``, ``fsd_violation`` and ``aot_loss``.
+
+Every function validates its inputs, computes in float32 (float64 for float64
+inputs) and returns a result in the dtype of its first input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from otloss._validation import (
+    check_finite,
+    check_same_dtype_device,
+    check_values_tensor,
+    check_weights,
+    compute_dtype,
+    resolve_validate,
+)
+from otloss.costs import Cost, get_cost, hinge, logistic, squared_hinge, zero_one
+from otloss.coupling import merge_sorted_weights
+from otloss.sorting import SoftSort
+
+__all__ = ["aot_loss", "fsd_violation", "ot_h_1d"]
+
+SortArg = Literal["hard", "soft"] | SoftSort
+Reduction = Literal["none", "mean", "sum"]
+CostArg = str | Cost | Callable[[Tensor], Tensor]
+
+
+def _resolve_sort(sort: object) -> SoftSort | None:
+    """``None`` means hard sort."""
+    if isinstance(sort, SoftSort):
+        return sort
+    if sort == "hard":
+        return None
+    if sort == "soft":
+        return SoftSort()
+    raise ValueError(f"sort must be 'hard', 'soft' or a SoftSort, got {sort!r}")
+
+
+def _reduce(rows: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
+
+
+def _check_reduction(reduction: object) -> None:
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+
+
+def _ot_rows(u: Tensor, v: Tensor, cost: Cost, a: Tensor | None, b: Tensor | None, sorter: SoftSort | None) -> Tensor:
+    """``OT_h`` of every row; inputs already validated and in the compute dtype."""
+    n, m = u.shape[-1], v.shape[-1]
+    if sorter is None:
+        us, pu = torch.sort(u, dim=-1, stable=True)
+        vs, pv = torch.sort(v, dim=-1, stable=True)
+    else:
+        us, vs = sorter(u), sorter(v)
+    if a is None and b is None and n == m:
+        return cost(us - vs).mean(dim=-1)
+    a = torch.ones_like(u) if a is None else a.to(u.dtype).gather(-1, pu)
+    b = torch.ones_like(v) if b is None else b.to(v.dtype).gather(-1, pv)
+    iu, iv, mass = merge_sorted_weights(a, b)
+    return (mass * cost(us.gather(-1, iu) - vs.gather(-1, iv))).sum(dim=-1)
+
+
+def ot_h_1d(
+    u: Tensor,
+    v: Tensor,
+    cost: CostArg,
+    *,
+    u_weights: Tensor | None = None,
+    v_weights: Tensor | None = None,
+    sort: SortArg = "hard",
+    reduction: Reduction = "mean",
+    validate_args: bool | None = None,
+) -> Tensor:
+    r"""Optimal-transport cost ``OT_h(mu, nu)`` between two empirical measures on the line.
+
+    ``OT_h(mu, nu) = min_gamma E_gamma[h(u - v)] = \int_0^1 h(Q_mu(t) - Q_nu(t)) dt``
+    for convex ``h`` (Santambrogio's identity). With equal sizes and uniform weights
+    this is ``mean_i h(u_(i) - v_(i))`` after sorting both rows.
+
+    Args:
+        u: ``[..., n]`` atoms of ``mu``; every leading index is an independent problem.
+        v: ``[..., m]`` atoms of ``nu``; same leading dimensions, same dtype and device.
+            ``n != m`` is allowed (quantile coupling).
+        cost: a :class:`~otloss.Cost`, a built-in name (``"logistic"`` means beta 1)
+            or a callable ``h(z)`` with ``z = u - v``.
+        u_weights: optional ``[..., n]`` non-negative weights (broadcastable), normalised
+            per row. ``None`` is uniform.
+        v_weights: likewise for ``v``.
+        sort: ``"hard"`` (gradient with the permutation held fixed), ``"soft"``
+            (:class:`~otloss.SoftSort` with the paper's strength 0.1) or a
+            ``SoftSort``. Soft sort requires uniform weights.
+        reduction: over the batch of rows: ``"mean"`` (default), ``"sum"`` or ``"none"``
+            (a ``[...]`` tensor of per-row costs). A 1-D problem gives a scalar.
+        validate_args: check for NaN/Inf values and bad weights (a host sync on GPU).
+            ``None`` uses :func:`otloss.get_validate_args`. When off, a row holding NaN
+            gives NaN (``torch.sort`` puts NaN last) and no error is raised.
+
+    Returns:
+        A tensor in the dtype of ``u`` (computed in float32, or float64 for float64
+        input). With a metric-only cost (``zero_one``) it carries no gradient.
+        For a non-convex ``h`` (such as ``zero_one``) the result is the quantile
+        integral ``\int_0^1 h(Q_mu - Q_nu) dt``, which is what the FSD measures
+        need, and may exceed the transport minimum. Values follow IEEE arithmetic
+        in the compute dtype: a cost that overflows gives ``inf``.
+    """
+    validate = resolve_validate(validate_args)
+    check_values_tensor(u, "u")
+    check_values_tensor(v, "v")
+    check_same_dtype_device(u, v, "u", "v")
+    if u.shape[:-1] != v.shape[:-1]:
+        raise ValueError(
+            f"u and v must have the same leading (batch) dimensions, got {tuple(u.shape)} and {tuple(v.shape)}"
+        )
+    cost = get_cost(cost)
+    sorter = _resolve_sort(sort)
+    _check_reduction(reduction)
+    a = check_weights(u_weights, u, "u_weights", "u", validate)
+    b = check_weights(v_weights, v, "v_weights", "v", validate)
+    if sorter is not None and (a is not None or b is not None):
+        raise ValueError("soft sort needs uniform weights: pass u_weights=None and v_weights=None, or sort='hard'")
+    if validate:
+        check_finite(u, "u")
+        check_finite(v, "v")
+    cdt = compute_dtype(u.dtype)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and cost.differentiable):
+        rows = _ot_rows(u.to(cdt), v.to(cdt), cost, a, b, sorter)
+        out = _reduce(rows, reduction)
+    return out.to(u.dtype)
+
+
+_FSD_MEASURES: dict[str, Callable[[], Cost]] = {
+    "area": zero_one,
+    "w1": lambda: hinge(0.0),
+    "w2": lambda: squared_hinge(0.0),
+}
+
+
+def fsd_violation(
+    u: Tensor,
+    v: Tensor,
+    measure: Literal["area", "w1", "w2"] | Cost = "area",
+    *,
+    u_weights: Tensor | None = None,
+    v_weights: Tensor | None = None,
+    sort: SortArg = "hard",
+    reduction: Reduction = "mean",
+    validate_args: bool | None = None,
+) -> Tensor:
+    r"""How far ``u`` is from first-order stochastic dominance (FSD) over ``v``.
+
+    ``u`` dominates ``v`` when ``Q_u(t) >= Q_v(t)`` for every ``t``; each measure
+    integrates a penalty of the quantile shortfall (paper, Appendix F):
+
+    * ``"area"``: ``\int 1[Q_u(t) < Q_v(t)] dt``, the fraction of quantiles in
+      violation (in ``[0, 1]``; a metric, no gradient).
+    * ``"w1"``: ``\int (Q_v(t) - Q_u(t))_+ dt``, the Wasserstein-1 distance from ``u``
+      to the nearest distribution that dominates ``v``.
+    * ``"w2"``: ``\int (Q_v(t) - Q_u(t))_+^2 dt``, the *squared* Wasserstein-2 distance
+      to that set.
+    * a :class:`~otloss.Cost` such as ``logistic(beta)`` or ``squared_hinge(beta)``:
+      the smooth surrogate as a differentiable loss (same as :func:`ot_h_1d`).
+
+    All are 0 when ``u`` dominates ``v`` (the smooth surrogates are not: they keep
+    rewarding larger margins). Other arguments are those of :func:`ot_h_1d`.
+    """
+    if isinstance(measure, str):
+        if measure not in _FSD_MEASURES:
+            raise ValueError(f"measure must be one of {sorted(_FSD_MEASURES)} or a Cost, got {measure!r}")
+        cost = _FSD_MEASURES[measure]()
+    elif isinstance(measure, Cost):
+        cost = measure
+    else:
+        raise TypeError(f"measure must be a name or a Cost, got {type(measure).__name__}")
+    return ot_h_1d(
+        u,
+        v,
+        cost,
+        u_weights=u_weights,
+        v_weights=v_weights,
+        sort=sort,
+        reduction=reduction,
+        validate_args=validate_args,
+    )
+
+
+_AOT_COSTS = ("logistic", "hinge", "squared_hinge", "least_squares")
+
+
+def _aot_cost(cost: CostArg, beta: float | None, label_smoothing: float) -> Cost:
+    if isinstance(cost, str):
+        if cost not in _AOT_COSTS:
+            raise ValueError(
+                f"cost must be one of {list(_AOT_COSTS)}, a Cost or a callable for AOT, got {cost!r}"
+            )
+        beta = 0.01 if beta is None else beta
+        if cost == "logistic":
+            return logistic(beta, label_smoothing)
+        if label_smoothing != 0:
+            raise ValueError(f"label_smoothing applies to the logistic cost only, got {label_smoothing} with {cost!r}")
+        return get_cost(cost, beta=beta)
+    if beta is not None or label_smoothing != 0:
+        raise ValueError(
+            "beta and label_smoothing configure a cost given by name; a Cost or callable carries its own "
+            "parameters (e.g. cost=otloss.logistic(beta=0.01, label_smoothing=0.1))"
+        )
+    return get_cost(cost)
+
+
+def aot_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    paired: bool = True,
+    cost: CostArg = "logistic",
+    beta: float | None = None,
+    label_smoothing: float = 0.0,
+    sort: SortArg = "hard",
+    reduction: Reduction = "mean",
+    validate_args: bool | None = None,
+) -> Tensor:
+    """Alignment via Optimal Transport (AOT) loss from sequence log-probabilities.
+
+    * ``paired=True`` (TRL ``loss_type="aot"``, paper Algorithm 2): ``u`` are the
+      policy margins ``policy_chosen - policy_rejected``, ``v`` the reference margins
+      ``ref_chosen - ref_rejected``; all four are ``[..., B]``.
+    * ``paired=False`` (TRL ``"aot_unpaired"``, Algorithm 1): ``u`` are the chosen
+      log-ratios ``policy_chosen - ref_chosen`` (``[..., n]``), ``v`` the rejected
+      log-ratios ``policy_rejected - ref_rejected`` (``[..., m]``); ``n != m`` is
+      allowed and uses the quantile coupling.
+
+    The loss is ``OT_h(u, v)``: with hard sort and the logistic cost,
+    ``mean_i -logsigmoid(beta (u_(i) - v_(i)))`` (with TRL's label smoothing), equal in
+    value and gradient to TRL's implementation.
+
+    Args:
+        policy_chosen_logps: policy log-probabilities of the chosen completions.
+        policy_rejected_logps: policy log-probabilities of the rejected completions.
+        ref_chosen_logps: reference log-probabilities of the chosen completions.
+        ref_rejected_logps: reference log-probabilities of the rejected completions.
+        paired: see above.
+        cost: ``"logistic"`` (default), ``"hinge"``, ``"squared_hinge"``,
+            ``"least_squares"``, or a :class:`~otloss.Cost` / callable.
+        beta: for a cost given by name; ``None`` means ``0.01``, the paper's value
+            (a scale for logistic, a margin for the hinge family).
+        label_smoothing: logistic cost only, in ``[0, 1]``.
+        sort: ``"hard"``, ``"soft"`` or a :class:`~otloss.SoftSort`.
+        reduction: over leading batch dimensions, as in :func:`ot_h_1d`.
+        validate_args: as in :func:`ot_h_1d`.
+
+    Returns:
+        The loss, in the dtype of ``policy_chosen_logps``.
+    """
+    if not isinstance(paired, bool):
+        raise TypeError(f"paired must be a bool, got {type(paired).__name__}")
+    names = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+    tensors = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    for t, name in zip(tensors, names):
+        check_values_tensor(t, name)
+    for t, name in zip(tensors[1:], names[1:]):
+        check_same_dtype_device(tensors[0], t, names[0], name)
+    pc, pr, rc, rr = tensors
+    if paired:
+        for t, name in zip(tensors[1:], names[1:]):
+            if t.shape != pc.shape:
+                raise ValueError(
+                    f"paired AOT needs the four log-probability tensors to have one shape; "
+                    f"{names[0]} is {tuple(pc.shape)} but {name} is {tuple(t.shape)} "
+                    "(for different numbers of chosen and rejected samples use paired=False)"
+                )
+    else:
+        if rc.shape != pc.shape:
+            raise ValueError(
+                f"ref_chosen_logps must have the shape of policy_chosen_logps {tuple(pc.shape)}, got {tuple(rc.shape)}"
+            )
+        if rr.shape != pr.shape:
+            raise ValueError(
+                f"ref_rejected_logps must have the shape of policy_rejected_logps {tuple(pr.shape)}, "
+                f"got {tuple(rr.shape)}"
+            )
+        if pc.shape[:-1] != pr.shape[:-1]:
+            raise ValueError(
+                "chosen and rejected log-probabilities must have the same leading (batch) dimensions, "
+                f"got {tuple(pc.shape)} and {tuple(pr.shape)}"
+            )
+    h = _aot_cost(cost, beta, label_smoothing)
+    validate = resolve_validate(validate_args)
+    if validate:
+        for t, name in zip(tensors, names):
+            check_finite(t, name)
+    cdt = compute_dtype(pc.dtype)
+    pc, pr, rc, rr = (t.to(cdt) for t in tensors)
+    if paired:
+        u, v = pc - pr, rc - rr
+    else:
+        u, v = pc - rc, pr - rr
+    out = ot_h_1d(u, v, h, sort=sort, reduction=reduction, validate_args=False)
+    return out.to(policy_chosen_logps.dtype)

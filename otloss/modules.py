@@ -1,0 +1,148 @@
+"""``nn.Module`` wrappers: each stores its options and calls the functional API.
+
+The defaults are those of the functions in :mod:`otloss.functional` (a test checks
+that every module default equals the function's).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from otloss.costs import Cost, get_cost
+from otloss.functional import CostArg, Reduction, SortArg, _aot_cost, _resolve_sort, aot_loss, fsd_violation, ot_h_1d
+
+__all__ = ["AOTLoss", "FSDViolation", "OTLoss"]
+
+
+class OTLoss(nn.Module):
+    """``OT_h(u, v)`` as a module; see :func:`otloss.ot_h_1d`.
+
+    Example:
+        >>> loss_fn = OTLoss("abs_pow")
+        >>> loss = loss_fn(u, v)  # u: [batch, n], v: [batch, m]
+    """
+
+    def __init__(
+        self,
+        cost: CostArg,
+        *,
+        sort: SortArg = "hard",
+        reduction: Reduction = "mean",
+        validate_args: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.cost = get_cost(cost)
+        _resolve_sort(sort)
+        self.sort = sort
+        self.reduction = reduction
+        self.validate_args = validate_args
+
+    def forward(
+        self, u: Tensor, v: Tensor, u_weights: Tensor | None = None, v_weights: Tensor | None = None
+    ) -> Tensor:
+        return ot_h_1d(
+            u,
+            v,
+            self.cost,
+            u_weights=u_weights,
+            v_weights=v_weights,
+            sort=self.sort,
+            reduction=self.reduction,
+            validate_args=self.validate_args,
+        )
+
+    def extra_repr(self) -> str:
+        return f"cost={self.cost!r}, sort={self.sort!r}, reduction={self.reduction!r}"
+
+
+class FSDViolation(nn.Module):
+    """An FSD-violation measure of ``u`` over ``v``; see :func:`otloss.fsd_violation`."""
+
+    def __init__(
+        self,
+        measure: str | Cost = "area",
+        *,
+        sort: SortArg = "hard",
+        reduction: Reduction = "mean",
+        validate_args: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.measure = measure
+        self.sort = sort
+        self.reduction = reduction
+        self.validate_args = validate_args
+
+    def forward(
+        self, u: Tensor, v: Tensor, u_weights: Tensor | None = None, v_weights: Tensor | None = None
+    ) -> Tensor:
+        return fsd_violation(
+            u,
+            v,
+            self.measure,
+            u_weights=u_weights,
+            v_weights=v_weights,
+            sort=self.sort,
+            reduction=self.reduction,
+            validate_args=self.validate_args,
+        )
+
+    def extra_repr(self) -> str:
+        return f"measure={self.measure!r}, sort={self.sort!r}, reduction={self.reduction!r}"
+
+
+class AOTLoss(nn.Module):
+    """The AOT loss as a module; see :func:`otloss.aot_loss` for every argument.
+
+    Example:
+        >>> loss_fn = AOTLoss(paired=True, beta=0.01)
+        >>> loss = loss_fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    """
+
+    def __init__(
+        self,
+        *,
+        paired: bool = True,
+        cost: CostArg = "logistic",
+        beta: float | None = None,
+        label_smoothing: float = 0.0,
+        sort: SortArg = "hard",
+        reduction: Reduction = "mean",
+        validate_args: bool | None = None,
+    ) -> None:
+        super().__init__()
+        _aot_cost(cost, beta, label_smoothing)  # fail fast on bad options
+        _resolve_sort(sort)
+        self.paired = paired
+        self.cost = cost
+        self.beta = beta
+        self.label_smoothing = label_smoothing
+        self.sort = sort
+        self.reduction = reduction
+        self.validate_args = validate_args
+
+    def forward(
+        self,
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        ref_chosen_logps: Tensor,
+        ref_rejected_logps: Tensor,
+    ) -> Tensor:
+        return aot_loss(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            paired=self.paired,
+            cost=self.cost,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            sort=self.sort,
+            reduction=self.reduction,
+            validate_args=self.validate_args,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"paired={self.paired}, cost={self.cost!r}, beta={self.beta}, "
+            f"label_smoothing={self.label_smoothing}, sort={self.sort!r}"
+        )
