@@ -146,10 +146,11 @@ def logistic(beta: float = 1.0, label_smoothing: float = 0.0) -> Cost:
         raise ValueError(f"label_smoothing must be in [0, 1], got {eps}")
 
     def h(z: Tensor) -> Tensor:
-        out = F.softplus(-beta * z)
+        # softplus(-x) == -logsigmoid(x); written as TRL writes it so values agree to the last bit
+        bz = beta * z
         if eps:
-            out = (1 - eps) * out + eps * F.softplus(beta * z)
-        return out
+            return -F.logsigmoid(bz) * (1 - eps) - F.logsigmoid(-bz) * eps
+        return -F.logsigmoid(bz)
 
     def dh(z: Tensor) -> Tensor:
         return beta * (eps * torch.sigmoid(beta * z) - (1 - eps) * torch.sigmoid(-beta * z))

@@ -65,9 +65,7 @@ def quantile_margins(u: Tensor, v: Tensor, t: Tensor | Sequence[float] = DEFAULT
     return quantile_function(u, t) - quantile_function(v, t)
 
 
-def fsd_report(
-    u: Tensor, v: Tensor, quantiles: Sequence[float] = DEFAULT_QUANTILES
-) -> dict[str, float]:
+def fsd_report(u: Tensor, v: Tensor, quantiles: Sequence[float] = DEFAULT_QUANTILES) -> dict[str, float]:
     """Scalar FSD diagnostics of 1-D ``u`` over ``v`` for logging.
 
     Returns a dict with ``fsd_area``, ``fsd_w1``, ``fsd_w2`` (see

@@ -200,9 +200,7 @@ _AOT_COSTS = ("logistic", "hinge", "squared_hinge", "least_squares")
 def _aot_cost(cost: CostArg, beta: float | None, label_smoothing: float) -> Cost:
     if isinstance(cost, str):
         if cost not in _AOT_COSTS:
-            raise ValueError(
-                f"cost must be one of {list(_AOT_COSTS)}, a Cost or a callable for AOT, got {cost!r}"
-            )
+            raise ValueError(f"cost must be one of {list(_AOT_COSTS)}, a Cost or a callable for AOT, got {cost!r}")
         beta = 0.01 if beta is None else beta
         if cost == "logistic":
             return logistic(beta, label_smoothing)

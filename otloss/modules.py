@@ -37,9 +37,7 @@ class OTLoss(nn.Module):
         self.reduction = reduction
         self.validate_args = validate_args
 
-    def forward(
-        self, u: Tensor, v: Tensor, u_weights: Tensor | None = None, v_weights: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, u: Tensor, v: Tensor, u_weights: Tensor | None = None, v_weights: Tensor | None = None) -> Tensor:
         return ot_h_1d(
             u,
             v,
@@ -72,9 +70,7 @@ class FSDViolation(nn.Module):
         self.reduction = reduction
         self.validate_args = validate_args
 
-    def forward(
-        self, u: Tensor, v: Tensor, u_weights: Tensor | None = None, v_weights: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, u: Tensor, v: Tensor, u_weights: Tensor | None = None, v_weights: Tensor | None = None) -> Tensor:
         return fsd_violation(
             u,
             v,

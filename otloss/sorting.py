@@ -133,7 +133,7 @@ def _segment_reduce(vals: Tensor, ids: Tensor, op: str) -> Tensor:
         mx = mx.scatter_reduce(0, flat_ids, v.detach(), reduce="amax")
         shifted = torch.exp(v - mx[flat_ids])
         sums = torch.zeros(size, dtype=vals.dtype, device=vals.device).index_add(0, flat_ids, shifted)
-        out = (torch.log(sums[flat_ids]) + mx[flat_ids])
+        out = torch.log(sums[flat_ids]) + mx[flat_ids]
     return out.reshape(vals.shape)
 
 

@@ -1,0 +1,37 @@
+"""The public API: ``__all__`` resolves, and ``import otloss`` needs only torch and numpy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import otloss
+
+
+def test_star_import_resolves_every_name():
+    ns: dict = {}
+    exec("from otloss import *", ns)
+    for name in otloss.__all__:
+        assert name in ns, name
+        assert ns[name] is getattr(otloss, name)
+    assert len(set(otloss.__all__)) == len(otloss.__all__)
+
+
+def test_submodule_all_lists_exist():
+    import importlib
+
+    for mod in ["costs", "coupling", "diagnostics", "functional", "modules", "sorting"]:
+        m = importlib.import_module(f"otloss.{mod}")
+        for name in m.__all__:
+            assert hasattr(m, name), f"otloss.{mod}.{name}"
+
+
+def test_import_needs_only_torch_and_numpy():
+    code = (
+        "import sys, otloss\n"
+        "bad = [m for m in ('scipy', 'ot', 'torchsort', 'triton', 'trl', 'transformers', 'lightning', 'hypothesis',"
+        " 'matplotlib', 'sklearn') if m in sys.modules]\n"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"import otloss pulled in optional packages: {out}"
