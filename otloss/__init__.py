@@ -7,6 +7,7 @@ from otloss._validation import get_validate_args, set_validate_args
 from otloss.costs import Cost, abs_pow, get_cost, hinge, least_squares, logistic, squared_hinge, zero_one
 from otloss.coupling import Coupling, quantile_coupling
 from otloss.diagnostics import fsd_report, quantile_function, quantile_margins
+from otloss.distributed import QuantileMemory, all_gather_variable
 from otloss.functional import aot_loss, fsd_violation, ot_h_1d
 from otloss.modules import AOTLoss, FSDViolation, OTLoss
 from otloss.sorting import SoftSort, hard_sort, soft_sort, torchsort_available
@@ -19,9 +20,11 @@ __all__ = [
     "Coupling",
     "FSDViolation",
     "OTLoss",
+    "QuantileMemory",
     "SoftSort",
     "__version__",
     "abs_pow",
+    "all_gather_variable",
     "aot_loss",
     "fsd_report",
     "fsd_violation",

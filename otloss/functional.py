@@ -22,12 +22,14 @@ from otloss._validation import (
 )
 from otloss.costs import Cost, get_cost, hinge, logistic, squared_hinge, zero_one
 from otloss.coupling import merge_sorted_weights
+from otloss.distributed import QuantileMemory, check_local_values, prepare_global_batch
 from otloss.sorting import SoftSort
 
 __all__ = ["aot_loss", "fsd_violation", "ot_h_1d"]
 
 SortArg = Literal["hard", "soft"] | SoftSort
 Reduction = Literal["none", "mean", "sum"]
+Backend = Literal["auto", "torch", "triton"]
 CostArg = str | Cost | Callable[[Tensor], Tensor]
 
 
@@ -40,6 +42,22 @@ def _resolve_sort(sort: object) -> SoftSort | None:
     if sort == "soft":
         return SoftSort()
     raise ValueError(f"sort must be 'hard', 'soft' or a SoftSort, got {sort!r}")
+
+
+def _use_triton(backend: object, u: Tensor, v: Tensor, cost: Cost, weighted: bool, soft: bool) -> bool:
+    """Pick the fused kernel or the reference by named checks (see ``otloss.ops.unsupported_reason``)."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "torch":
+        return False
+    from otloss.ops import unsupported_reason
+
+    reason = unsupported_reason(u, v, cost, weighted, soft)
+    if backend == "triton":
+        if reason is not None:
+            raise ValueError(f"backend='triton' cannot run this problem: {reason}")
+        return True
+    return reason is None and u.is_cuda
 
 
 def _reduce(rows: Tensor, reduction: str) -> Tensor:
@@ -81,6 +99,10 @@ def ot_h_1d(
     sort: SortArg = "hard",
     reduction: Reduction = "mean",
     validate_args: bool | None = None,
+    global_batch: bool = False,
+    group: object | None = None,
+    memory: QuantileMemory | None = None,
+    backend: Backend = "auto",
 ) -> Tensor:
     r"""Optimal-transport cost ``OT_h(mu, nu)`` between two empirical measures on the line.
 
@@ -105,6 +127,22 @@ def ot_h_1d(
         validate_args: check for NaN/Inf values and bad weights (a host sync on GPU).
             ``None`` uses :func:`otloss.get_validate_args`. When off, a row holding NaN
             gives NaN (``torch.sort`` puts NaN last) and no error is raised.
+        global_batch: all-gather ``u``, ``v`` (and weights) from every rank of
+            ``group`` along the last dimension and compute the loss on the global
+            batch; the local last dimension may differ across ranks and be 0. The
+            value is the global loss on every rank; the gradient to the local
+            elements is scaled by the group size so that DDP/FSDP averaging gives
+            the single-process gradient (see :mod:`otloss.distributed`). Needs an
+            initialised process group (``RuntimeError`` otherwise).
+        group: the process group for ``global_batch=True``; ``None`` is the default group.
+        memory: a :class:`~otloss.QuantileMemory` holding the earlier micro-batches of
+            this optimizer step (gradient accumulation); ``None`` keeps none.
+        backend: ``"auto"`` (default) runs the fused Triton kernel for CUDA tensors when
+            triton imports and the problem is supported (equal sizes, uniform weights,
+            hard sort, float32/16 inputs, a built-in cost other than ``zero_one``,
+            rows up to ``otloss.ops.MAX_FUSED_SIZE``), else the PyTorch reference;
+            ``"torch"`` always uses the reference; ``"triton"`` requires the kernel and
+            raises ``ValueError`` with the reason and the fix when it cannot run.
 
     Returns:
         A tensor in the dtype of ``u`` (computed in float32, or float64 for float64
@@ -114,6 +152,10 @@ def ot_h_1d(
         need, and may exceed the transport minimum. Values follow IEEE arithmetic
         in the compute dtype: a cost that overflows gives ``inf``.
     """
+    if global_batch is not False or group is not None or memory is not None:
+        u, v, u_weights, v_weights = prepare_global_batch(
+            u, v, u_weights, v_weights, global_batch=global_batch, group=group, memory=memory
+        )
     validate = resolve_validate(validate_args)
     check_values_tensor(u, "u")
     check_values_tensor(v, "v")
@@ -132,9 +174,15 @@ def ot_h_1d(
     if validate:
         check_finite(u, "u")
         check_finite(v, "v")
+    use_triton = _use_triton(backend, u, v, cost, a is not None or b is not None, sorter is not None)
     cdt = compute_dtype(u.dtype)
     with torch.set_grad_enabled(torch.is_grad_enabled() and cost.differentiable):
-        rows = _ot_rows(u.to(cdt), v.to(cdt), cost, a, b, sorter)
+        if use_triton:
+            from otloss.ops import ot_rows_triton
+
+            rows = ot_rows_triton(u, v, cost)
+        else:
+            rows = _ot_rows(u.to(cdt), v.to(cdt), cost, a, b, sorter)
         out = _reduce(rows, reduction)
     return out.to(u.dtype)
 
@@ -156,6 +204,7 @@ def fsd_violation(
     sort: SortArg = "hard",
     reduction: Reduction = "mean",
     validate_args: bool | None = None,
+    backend: Backend = "auto",
 ) -> Tensor:
     r"""How far ``u`` is from first-order stochastic dominance (FSD) over ``v``.
 
@@ -191,6 +240,7 @@ def fsd_violation(
         sort=sort,
         reduction=reduction,
         validate_args=validate_args,
+        backend=backend,
     )
 
 
@@ -228,6 +278,10 @@ def aot_loss(
     sort: SortArg = "hard",
     reduction: Reduction = "mean",
     validate_args: bool | None = None,
+    global_batch: bool = False,
+    group: object | None = None,
+    memory: QuantileMemory | None = None,
+    backend: Backend = "auto",
 ) -> Tensor:
     """Alignment via Optimal Transport (AOT) loss from sequence log-probabilities.
 
@@ -256,7 +310,13 @@ def aot_loss(
         label_smoothing: logistic cost only, in ``[0, 1]``.
         sort: ``"hard"``, ``"soft"`` or a :class:`~otloss.SoftSort`.
         reduction: over leading batch dimensions, as in :func:`ot_h_1d`.
-        validate_args: as in :func:`ot_h_1d`.
+        validate_args: as in :func:`ot_h_1d`. With ``global_batch=True`` the values
+            are checked after the gather (on every rank alike, naming ``u``/``v``).
+        global_batch: sort the ``u`` and ``v`` of every rank together, as in
+            :func:`ot_h_1d`; a rank may hold no chosen or no rejected sample.
+        group: as in :func:`ot_h_1d`.
+        memory: as in :func:`ot_h_1d`.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``, as in :func:`ot_h_1d`.
 
     Returns:
         The loss, in the dtype of ``policy_chosen_logps``.
@@ -266,7 +326,10 @@ def aot_loss(
     names = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
     tensors = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     for t, name in zip(tensors, names):
-        check_values_tensor(t, name)
+        if global_batch is True or memory is not None:
+            check_local_values(t, name)
+        else:
+            check_values_tensor(t, name)
     for t, name in zip(tensors[1:], names[1:]):
         check_same_dtype_device(tensors[0], t, names[0], name)
     pc, pr, rc, rr = tensors
@@ -295,7 +358,7 @@ def aot_loss(
             )
     h = _aot_cost(cost, beta, label_smoothing)
     validate = resolve_validate(validate_args)
-    if validate:
+    if validate and global_batch is not True:
         for t, name in zip(tensors, names):
             check_finite(t, name)
     cdt = compute_dtype(pc.dtype)
@@ -304,5 +367,16 @@ def aot_loss(
         u, v = pc - pr, rc - rr
     else:
         u, v = pc - rc, pr - rr
-    out = ot_h_1d(u, v, h, sort=sort, reduction=reduction, validate_args=False)
+    out = ot_h_1d(
+        u,
+        v,
+        h,
+        sort=sort,
+        reduction=reduction,
+        validate_args=validate and global_batch is True,
+        global_batch=global_batch,
+        group=group,
+        memory=memory,
+        backend=backend,
+    )
     return out.to(policy_chosen_logps.dtype)

@@ -9,7 +9,18 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from otloss.costs import Cost, get_cost
-from otloss.functional import CostArg, Reduction, SortArg, _aot_cost, _resolve_sort, aot_loss, fsd_violation, ot_h_1d
+from otloss.distributed import QuantileMemory
+from otloss.functional import (
+    Backend,
+    CostArg,
+    Reduction,
+    SortArg,
+    _aot_cost,
+    _resolve_sort,
+    aot_loss,
+    fsd_violation,
+    ot_h_1d,
+)
 
 __all__ = ["AOTLoss", "FSDViolation", "OTLoss"]
 
@@ -29,6 +40,10 @@ class OTLoss(nn.Module):
         sort: SortArg = "hard",
         reduction: Reduction = "mean",
         validate_args: bool | None = None,
+        global_batch: bool = False,
+        group: object | None = None,
+        memory: QuantileMemory | None = None,
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         self.cost = get_cost(cost)
@@ -36,6 +51,10 @@ class OTLoss(nn.Module):
         self.sort = sort
         self.reduction = reduction
         self.validate_args = validate_args
+        self.global_batch = global_batch
+        self.group = group
+        self.memory = memory
+        self.backend = backend
 
     def forward(self, u: Tensor, v: Tensor, u_weights: Tensor | None = None, v_weights: Tensor | None = None) -> Tensor:
         return ot_h_1d(
@@ -47,6 +66,10 @@ class OTLoss(nn.Module):
             sort=self.sort,
             reduction=self.reduction,
             validate_args=self.validate_args,
+            global_batch=self.global_batch,
+            group=self.group,
+            memory=self.memory,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -63,12 +86,14 @@ class FSDViolation(nn.Module):
         sort: SortArg = "hard",
         reduction: Reduction = "mean",
         validate_args: bool | None = None,
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         self.measure = measure
         self.sort = sort
         self.reduction = reduction
         self.validate_args = validate_args
+        self.backend = backend
 
     def forward(self, u: Tensor, v: Tensor, u_weights: Tensor | None = None, v_weights: Tensor | None = None) -> Tensor:
         return fsd_violation(
@@ -80,6 +105,7 @@ class FSDViolation(nn.Module):
             sort=self.sort,
             reduction=self.reduction,
             validate_args=self.validate_args,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -104,6 +130,10 @@ class AOTLoss(nn.Module):
         sort: SortArg = "hard",
         reduction: Reduction = "mean",
         validate_args: bool | None = None,
+        global_batch: bool = False,
+        group: object | None = None,
+        memory: QuantileMemory | None = None,
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         _aot_cost(cost, beta, label_smoothing)  # fail fast on bad options
@@ -115,6 +145,10 @@ class AOTLoss(nn.Module):
         self.sort = sort
         self.reduction = reduction
         self.validate_args = validate_args
+        self.global_batch = global_batch
+        self.group = group
+        self.memory = memory
+        self.backend = backend
 
     def forward(
         self,
@@ -135,6 +169,10 @@ class AOTLoss(nn.Module):
             sort=self.sort,
             reduction=self.reduction,
             validate_args=self.validate_args,
+            global_batch=self.global_batch,
+            group=self.group,
+            memory=self.memory,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU interpreter; must be set before any kernel module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -21,21 +25,31 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(1)
 
-# One tolerance table: (rtol, atol) for values computed in each dtype against a float64 oracle.
-TOL = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-5, 1e-5),
-}
 
+def _speed_up_interpreted_sort() -> None:
+    """Test-only: route the interpreter's xor reduction (inside ``tl.sort``) to numpy.
 
-def _has(module: str) -> bool:
+    Triton's CPU interpreter runs that reduction as a Python loop over elements; the
+    numpy reduction computes the same integers much faster. The library never does this.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
     try:
-        __import__(module)
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
     except ImportError:
-        return False
-    return True
+        return
+    ops = interpreter.ReduceOps
+    original = ops.apply_impl
+
+    def apply_impl(self, input):
+        if self.combine_fn is tl.standard._xor_combine and self.axis is not None:
+            data = input[0].handle.data
+            return self.to_tensor(np.bitwise_xor.reduce(data, axis=self.axis, keepdims=self.keep_dims), input[0].dtype)
+        return original(self, input)
+
+    ops.apply_impl = apply_impl
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-requires_torchsort = pytest.mark.skipif(not _has("torchsort"), reason="needs torchsort (pip install otloss[soft])")
-requires_pot = pytest.mark.skipif(not _has("ot"), reason="needs POT (pip install otloss[pot])")
+_speed_up_interpreted_sort()

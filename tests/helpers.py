@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 import otloss
@@ -67,3 +68,23 @@ def trl_aot_reference(pc, pr, rc, rr, beta, label_smoothing, paired):
     delta = a - b
     losses = -F.logsigmoid(beta * delta) * (1 - label_smoothing) - F.logsigmoid(-beta * delta) * label_smoothing
     return losses.mean()
+
+
+# One tolerance table: (rtol, atol) for values computed in each dtype against a float64 oracle.
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+}
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+requires_torchsort = pytest.mark.skipif(not _has("torchsort"), reason="needs torchsort (pip install otloss[soft])")
+requires_pot = pytest.mark.skipif(not _has("ot"), reason="needs POT (pip install otloss[pot])")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import requires_torchsort
+from helpers import requires_torchsort
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays

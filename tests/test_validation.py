@@ -145,7 +145,7 @@ def test_low_precision_is_computed_in_float32_and_returned_in_input_dtype(dtype)
 
 
 def test_float32_matches_float64_within_table_tolerance():
-    from conftest import TOL
+    from helpers import TOL
 
     g = torch.Generator().manual_seed(1)
     u, v = torch.randn(3, 50, generator=g, dtype=torch.float64), torch.randn(3, 70, generator=g, dtype=torch.float64)

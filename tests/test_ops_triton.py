@@ -1,0 +1,187 @@
+"""The fused Triton kernel against the PyTorch reference path (CPU interpreter in CI, CUDA when present)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import otloss
+from otloss.ops import MAX_FUSED_SIZE, triton_available
+
+pytestmark = [
+    pytest.mark.requires_triton,
+    pytest.mark.skipif(not triton_available(), reason="needs triton (pip install otloss[triton])"),
+]
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu means the interpreter (TRITON_INTERPRET=1)
+
+KERNEL_COSTS = [
+    otloss.logistic(1.0),
+    otloss.logistic(0.3, label_smoothing=0.25),
+    otloss.hinge(0.0),
+    otloss.hinge(0.2),
+    otloss.squared_hinge(0.1),
+    otloss.least_squares(0.05),
+    otloss.abs_pow(1.0),
+    otloss.abs_pow(1.5),
+    otloss.abs_pow(2.0),
+]
+ids = [repr(c) for c in KERNEL_COSTS]
+
+
+def _inputs(kind: str, rows: int, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        u, v = torch.randn(rows, n, generator=g), torch.randn(rows, n, generator=g) + 0.3
+    elif kind == "ties":
+        u = torch.randint(-2, 3, (rows, n), generator=g).float()
+        v = torch.randint(-2, 3, (rows, n), generator=g).float() * 0.5
+    elif kind == "all_equal":
+        u, v = torch.full((rows, n), 0.7), torch.full((rows, n), -0.2)
+    elif kind == "negative":
+        u, v = -5 - torch.rand(rows, n, generator=g) * 100, -5 - torch.rand(rows, n, generator=g) * 100
+    elif kind == "signed_zeros":
+        u = torch.tensor([-0.0, 0.0] * n)[:n].repeat(rows, 1)
+        v = torch.tensor([0.0, -0.0, 1.0] * n)[:n].repeat(rows, 1)
+    elif kind == "large":
+        u, v = torch.randn(rows, n, generator=g) * 1e4, torch.randn(rows, n, generator=g) * 1e4
+    else:
+        raise ValueError(kind)
+    return u.to(DEVICE), v.to(DEVICE)
+
+
+def _both(u, v, cost, upstream):
+    out = {}
+    for backend in ("triton", "torch"):
+        uu, vv = u.clone().requires_grad_(True), v.clone().requires_grad_(True)
+        rows = otloss.ot_h_1d(uu, vv, cost, reduction="none", backend=backend)
+        (rows * upstream).sum().backward()
+        out[backend] = (rows.detach(), uu.grad, vv.grad)
+    return out["triton"], out["torch"]
+
+
+def _close(a, b, scale):
+    torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6 * scale)
+
+
+@pytest.mark.parametrize("cost", KERNEL_COSTS, ids=ids)
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64])
+def test_kernel_matches_reference_small(cost, n):
+    u, v = _inputs("random", 3, n, seed=n)
+    upstream = torch.tensor([1.0, -2.0, 0.5], device=DEVICE)  # non-unit, per-row upstream gradient
+    (lt, gut, gvt), (lr, gur, gvr) = _both(u, v, cost, upstream)
+    scale = float(lr.abs().max()) + 1
+    _close(lt, lr, scale)
+    _close(gut, gur, 1.0)
+    _close(gvt, gvr, 1.0)
+
+
+@pytest.mark.parametrize("kind", ["ties", "all_equal", "negative", "signed_zeros", "large"])
+@pytest.mark.parametrize("cost", [otloss.logistic(0.5), otloss.squared_hinge(0.2), otloss.abs_pow(1.0)], ids=repr)
+def test_kernel_matches_reference_special_values(kind, cost):
+    u, v = _inputs(kind, 2, 37, seed=1)
+    (lt, gut, gvt), (lr, gur, gvr) = _both(u, v, cost, torch.ones(2, device=DEVICE))
+    _close(lt, lr, float(lr.abs().max()) + 1)
+    if kind in ("random", "negative", "large"):  # distinct values: the gradient is unique
+        _close(gut, gur, 1.0)
+        _close(gvt, gvr, 1.0)
+    else:  # ties: gradients may go to either tied element; their per-value sums agree
+        for g_t, g_r, x in ((gut, gur, u), (gvt, gvr, v)):
+            for r in range(x.shape[0]):
+                for val in torch.unique(x[r]):
+                    sel = x[r] == val
+                    torch.testing.assert_close(g_t[r][sel].sum(), g_r[r][sel].sum(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1000, 4096])
+def test_kernel_matches_reference_long_rows(n):
+    u, v = _inputs("random", 2, n, seed=n)
+    for cost in (otloss.logistic(0.7, 0.1), otloss.abs_pow(1.5)):
+        (lt, gut, gvt), (lr, gur, gvr) = _both(u, v, cost, torch.ones(2, device=DEVICE))
+        _close(lt, lr, 1.0)
+        _close(gut, gur, 1.0 / n)
+        _close(gvt, gvr, 1.0 / n)
+
+
+def test_batched_leading_dims_and_reductions():
+    u, v = torch.randn(2, 3, 16, device=DEVICE), torch.randn(2, 3, 16, device=DEVICE)
+    for reduction in ("none", "mean", "sum"):
+        torch.testing.assert_close(
+            otloss.ot_h_1d(u, v, "abs_pow", reduction=reduction, backend="triton"),
+            otloss.ot_h_1d(u, v, "abs_pow", reduction=reduction, backend="torch"),
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_within_pytorch_at_that_precision(dtype):
+    g = torch.Generator().manual_seed(2)
+    u = (torch.randn(4, 200, generator=g) * 3).to(dtype).to(DEVICE)
+    v = (torch.randn(4, 200, generator=g) * 3).to(dtype).to(DEVICE)
+    cost = otloss.logistic(1.0)
+    uu = u.clone().requires_grad_(True)
+    out = otloss.ot_h_1d(uu, v, cost, reduction="none", backend="triton")
+    out.sum().backward()
+    assert out.dtype == dtype and uu.grad.dtype == dtype
+    exact = otloss.ot_h_1d(u.double(), v.double(), cost, reduction="none")
+    # plain PyTorch at this precision: sort, subtract, logsigmoid and mean all in `dtype`
+    native = torch.nn.functional.softplus(-(torch.sort(u, -1).values - torch.sort(v, -1).values)).mean(-1)
+    err_kernel = (out.double() - exact).abs().max()
+    err_native = (native.double() - exact).abs().max()
+    ulp = torch.finfo(dtype).eps * exact.abs().max()
+    assert err_kernel <= max(2 * err_native, ulp)
+    ug = u.double().requires_grad_(True)
+    otloss.ot_h_1d(ug, v.double(), cost, reduction="none").sum().backward()
+    torch.testing.assert_close(uu.grad.double(), ug.grad, rtol=0, atol=2 * torch.finfo(dtype).eps / 200 + 1e-6)
+
+
+def test_aot_loss_runs_on_the_kernel_and_matches():
+    ins = [torch.randn(35, device=DEVICE, dtype=torch.float32) - 20 for _ in range(4)]
+    for paired in (True, False):
+        torch.testing.assert_close(
+            otloss.aot_loss(*ins, paired=paired, backend="triton"),
+            otloss.aot_loss(*ins, paired=paired, backend="torch"),
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"u": torch.randn(4, dtype=torch.float64)}, "float32, float16 and bfloat16"),
+        ({"v": torch.randn(5)}, "equal sizes"),
+        ({"u_weights": torch.rand(4)}, "uniform weights"),
+        ({"sort": "soft"}, "hard sort only"),
+        ({"cost": otloss.zero_one()}, "implement the costs"),
+        ({"cost": lambda z: z.abs()}, "implement the costs"),
+    ],
+)
+def test_explicit_triton_that_cannot_run_raises_with_the_fix(kwargs, match):
+    args = {"u": torch.randn(4), "v": torch.randn(4), "cost": "abs_pow"} | kwargs
+    u, v, cost = args.pop("u").to(DEVICE), args.pop("v").to(DEVICE), args.pop("cost")
+    if "u_weights" in args:
+        args["u_weights"] = args["u_weights"].to(DEVICE)
+    if u.dtype == torch.float64:
+        v = v.double()
+    with pytest.raises(ValueError, match=match):
+        otloss.ot_h_1d(u, v, cost, backend="triton", **args)
+
+
+@pytest.mark.parametrize("cost", [otloss.logistic(0.5, 0.1), otloss.hinge(0.1), otloss.abs_pow(1.5)], ids=repr)
+def test_rows_beyond_the_on_chip_limit_use_torch_sort_and_the_chunked_kernel(cost):
+    n = MAX_FUSED_SIZE + 1000  # not a multiple of the chunk size: the last chunk is partial
+    u, v = _inputs("random", 2, n, seed=3)
+    (lt, gut, gvt), (lr, gur, gvr) = _both(u, v, cost, torch.tensor([1.0, 3.0], device=DEVICE))
+    _close(lt, lr, 1.0)
+    _close(gut, gur, 1.0 / n)
+    _close(gvt, gvr, 1.0 / n)
+
+
+def test_auto_uses_the_reference_on_cpu(monkeypatch):
+    import otloss.ops
+
+    def boom(*a, **k):
+        raise AssertionError("auto must not pick the kernel for CPU tensors")
+
+    monkeypatch.setattr(otloss.ops, "ot_rows_triton", boom)
+    otloss.ot_h_1d(torch.randn(8), torch.randn(8), "abs_pow", backend="auto")
+    with pytest.raises(ValueError, match="backend must be"):
+        otloss.ot_h_1d(torch.randn(8), torch.randn(8), "abs_pow", backend="cuda")
