@@ -1,0 +1,475 @@
+"""Tests of the TRL adapter (``otloss.integrations.trl``): offline, CPU, tiny models built in code."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl")
+pytest.importorskip("peft")
+
+import torch
+from datasets import Dataset
+from otloss.integrations.trl import AOTConfig, AOTTrainer
+from peft import LoraConfig
+from trl import DPOConfig, DPOTrainer
+
+import otloss
+
+pytestmark = pytest.mark.requires_trl
+
+REPO = Path(__file__).resolve().parents[2]
+FSD_KEYS = ("fsd/area", "fsd/w1", "fsd/w2", "fsd/quantile_margin_0.5")
+TRL_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _common(tmp_path, **overrides):
+    kw = dict(
+        output_dir=str(tmp_path / "out"),
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+        learning_rate=1e-2,
+        beta=0.1,
+    )
+    kw.update(overrides)
+    return kw
+
+
+def _aot(tmp_path, model, train_rows, *, ref_model=None, peft_config=None, tokenizer, **cfg):
+    return AOTTrainer(
+        model,
+        ref_model=ref_model,
+        args=AOTConfig(**_common(tmp_path, **cfg)),
+        train_dataset=Dataset.from_list(train_rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+def _batch(trainer, n=None, rows=None):
+    ds = trainer.train_dataset
+    rows = range(len(ds) if n is None else n) if rows is None else rows
+    return trainer.data_collator([ds[i] for i in rows])
+
+
+def _loss_and_grads(trainer, batch):
+    trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def _lora():
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
+
+
+# ---------------------------------------------------------------- import
+
+
+def test_missing_trl_gives_friendly_import_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trl", None)
+    monkeypatch.delitem(sys.modules, "otloss.integrations.trl")
+    with pytest.raises(ImportError, match=r"pip install 'otloss\[trl\]'"):
+        importlib.import_module("otloss.integrations.trl")
+
+
+# ---------------------------------------------------------------- parity with TRL
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "paired", "label_smoothing"),
+    [("aot", True, 0.0), ("aot_unpaired", False, 0.0), ("aot", True, 0.2), ("aot_unpaired", False, 0.3)],
+)
+def test_loss_and_gradients_equal_trl(
+    tmp_path, tiny_model_factory, tiny_tokenizer, tiny_preference_rows, loss_type, paired, label_smoothing
+):
+    common = _common(tmp_path, beta=0.5, label_smoothing=label_smoothing)
+    ds = Dataset.from_list(tiny_preference_rows)
+    # The reference differs from the policy (another seed), so the sorted margins differ and the loss is not log 2.
+    trl_trainer = DPOTrainer(
+        tiny_model_factory(0),
+        ref_model=tiny_model_factory(1),
+        args=DPOConfig(loss_type=[loss_type], **common),
+        train_dataset=ds,
+        processing_class=tiny_tokenizer,
+    )
+    ours = AOTTrainer(
+        tiny_model_factory(0),
+        ref_model=tiny_model_factory(1),
+        args=AOTConfig(paired=paired, cost="logistic", sort="hard", **common),
+        train_dataset=ds,
+        processing_class=tiny_tokenizer,
+    )
+    assert ours.args.loss_type == [loss_type]
+    batch = _batch(trl_trainer, 6)
+    loss_trl, grads_trl = _loss_and_grads(trl_trainer, batch)
+    loss_ours, grads_ours = _loss_and_grads(ours, batch)
+    assert abs(loss_trl.item() - math.log(2)) > 1e-4
+    torch.testing.assert_close(loss_ours, loss_trl, rtol=1e-6, atol=1e-7)
+    assert grads_ours.keys() == grads_trl.keys() and len(grads_trl) > 0
+    for name, g in grads_trl.items():
+        assert g.abs().max() > 0 or name.endswith("norm.weight")
+        torch.testing.assert_close(grads_ours[name], g, rtol=1e-5, atol=1e-8, msg=name)
+    # TRL's metrics are logged with the same values, plus the FSD diagnostics.
+    trl_metrics, our_metrics = trl_trainer._metrics["train"], ours._metrics["train"]
+    for key in (*TRL_KEYS, "logps/rejected", "entropy", "logits/chosen", "mean_token_accuracy"):
+        assert our_metrics[key] == pytest.approx(trl_metrics[key], rel=1e-6, abs=1e-7), key
+    for key in FSD_KEYS:
+        assert len(our_metrics[key]) == 1 and math.isfinite(our_metrics[key][0])
+    assert 0.0 <= our_metrics["fsd/area"][0] <= 1.0
+
+
+@pytest.mark.parametrize(("cost", "sort"), [("squared_hinge", "soft"), ("least_squares", "hard"), ("hinge", "soft")])
+def test_other_costs_and_soft_sort_follow_otloss(
+    tmp_path, tiny_model_factory, tiny_tokenizer, tiny_preference_rows, cost, sort
+):
+    trainer = _aot(
+        tmp_path,
+        tiny_model_factory(0),
+        tiny_preference_rows,
+        ref_model=tiny_model_factory(1),
+        tokenizer=tiny_tokenizer,
+        paired=True,
+        cost=cost,
+        sort=sort,
+        soft_sort_strength=0.5,
+        beta=0.05,
+    )
+    batch = _batch(trainer, 8)
+    loss, grads = _loss_and_grads(trainer, batch)
+    with torch.no_grad():
+        pc, pr = trainer._reference_logps(trainer.model, batch).chunk(2)  # policy forward, no adapters involved
+        rc, rr = trainer._reference_logps(trainer.ref_model, batch).chunk(2)
+    sort_arg = otloss.SoftSort(0.5) if sort == "soft" else "hard"
+    expected = otloss.aot_loss(pc, pr, rc, rr, paired=True, cost=cost, beta=0.05, sort=sort_arg)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert any(g.abs().max() > 0 for g in grads.values())
+
+
+# ---------------------------------------------------------------- unpaired, KTO format
+
+
+def test_kto_batch_with_unequal_class_counts(tmp_path, tiny_model_factory, tiny_tokenizer, tiny_unpaired_rows):
+    trainer = _aot(
+        tmp_path,
+        tiny_model_factory(0),
+        tiny_unpaired_rows,
+        ref_model=tiny_model_factory(1),
+        tokenizer=tiny_tokenizer,
+        paired=False,
+    )
+    batch = _batch(trainer, 9)
+    labels = batch["label"].bool()
+    n, m = int(labels.sum()), int((~labels).sum())
+    assert n != m and n > 0 and m > 0
+    loss, grads = _loss_and_grads(trainer, batch)
+    with torch.no_grad():
+        policy = trainer._reference_logps(trainer.model, batch)
+        ref = trainer._reference_logps(trainer.ref_model, batch)
+    expected = otloss.aot_loss(policy[labels], policy[~labels], ref[labels], ref[~labels], paired=False, beta=0.1)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().max() > 0 for g in grads.values())
+    metrics = trainer._metrics["train"]
+    assert metrics["aot/num_chosen"] == [n] and metrics["aot/num_rejected"] == [m]
+    assert metrics["aot/empty_class"] == [0.0]
+    assert 0.0 <= metrics["rewards/accuracies"][0] <= 1.0
+    for key in FSD_KEYS:
+        assert math.isfinite(metrics[key][0])
+
+
+def test_kto_batch_without_one_class_is_skipped(tmp_path, tiny_model_factory, tiny_tokenizer, tiny_unpaired_rows):
+    trainer = _aot(
+        tmp_path,
+        tiny_model_factory(0),
+        tiny_unpaired_rows,
+        ref_model=tiny_model_factory(1),
+        tokenizer=tiny_tokenizer,
+        paired=False,
+    )
+    ds = trainer.train_dataset
+    for wanted in (True, False):
+        rows = [i for i in range(len(ds)) if ds[i]["label"] is wanted][:3]
+        loss, grads = _loss_and_grads(trainer, _batch(trainer, rows=rows))
+        assert loss.item() == 0.0 and torch.isfinite(loss)
+        assert len(grads) > 0 and all(torch.equal(g, torch.zeros_like(g)) for g in grads.values())
+    metrics = trainer._metrics["train"]
+    assert metrics["aot/empty_class"] == [1.0, 1.0]
+    assert "fsd/area" not in metrics and all(math.isfinite(v) for vals in metrics.values() for v in vals)
+
+
+def test_kto_carry_over_joins_the_next_batch(tmp_path, tiny_model_factory, tiny_tokenizer, tiny_unpaired_rows):
+    def make(mode):
+        return _aot(
+            tmp_path,
+            tiny_model_factory(0),
+            tiny_unpaired_rows,
+            ref_model=tiny_model_factory(1),
+            tokenizer=tiny_tokenizer,
+            paired=False,
+            empty_class=mode,
+        )
+
+    carry, skip = make("carry_over"), make("skip")
+    ds = carry.train_dataset
+    good = [i for i in range(len(ds)) if ds[i]["label"]][:3]
+    bad = [i for i in range(len(ds)) if not ds[i]["label"]][:2]
+    first, _ = _loss_and_grads(carry, _batch(carry, rows=good))
+    assert first.item() == 0.0
+    second, grads = _loss_and_grads(carry, _batch(carry, rows=bad))
+    # The carried desirable rows and the new undesirable rows form one batch.
+    expected, expected_grads = _loss_and_grads(skip, _batch(skip, rows=good + bad))
+    assert expected.item() > 0
+    torch.testing.assert_close(second, expected, rtol=1e-6, atol=1e-7)
+    for name, g in expected_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-8)
+    assert carry._metrics["train"]["aot/num_chosen"] == [3, 3]
+    assert carry._carry is None
+
+
+# ---------------------------------------------------------------- training
+
+
+CASES = {
+    "paired-full": dict(data="pref", paired=True, ref=True, lora=False, precompute=False),
+    "paired-lora": dict(data="pref", paired=True, ref=False, lora=True, precompute=False),
+    "unpaired-kto-full-precompute": dict(data="kto", paired=False, ref=False, lora=False, precompute=True),
+    "unpaired-kto-lora": dict(data="kto", paired=False, ref=False, lora=True, precompute=False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_lowers_loss_and_updates_parameters(
+    tmp_path, tiny_model_factory, tiny_tokenizer, tiny_preference_rows, tiny_unpaired_rows, case
+):
+    c = CASES[case]
+    rows = tiny_preference_rows if c["data"] == "pref" else tiny_unpaired_rows
+    trainer = _aot(
+        tmp_path,
+        tiny_model_factory(0),
+        rows,
+        ref_model=tiny_model_factory(1) if c["ref"] else None,
+        peft_config=_lora() if c["lora"] else None,
+        tokenizer=tiny_tokenizer,
+        paired=c["paired"],
+        precompute_ref_log_probs=c["precompute"],
+        max_steps=8,
+    )
+    if c["lora"]:
+        assert trainer.ref_model is None  # reference = adapters disabled
+    if c["precompute"]:
+        assert trainer.ref_model is None and "ref_logps" in trainer.train_dataset.column_names
+    batch = _batch(trainer)  # the whole training set as one fixed batch
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        loss_before = trainer.compute_loss(trainer.model, batch).item()
+        ref_before = trainer._reference_logps(trainer.ref_model or trainer.model, batch)
+    trainer.train()
+    with torch.no_grad():
+        loss_after = trainer.compute_loss(trainer.model, batch).item()
+        ref_after = trainer._reference_logps(trainer.ref_model or trainer.model, batch)
+    assert math.isfinite(loss_after) and loss_after < loss_before - 1e-4
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and changed <= trainable
+    if c["lora"]:
+        assert all("lora_" in n for n in changed)
+        # Disabling the adapters gives the untouched base model, so the reference does not move.
+        torch.testing.assert_close(ref_after, ref_before)
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    assert {"loss", *TRL_KEYS, *FSD_KEYS} <= logged
+
+
+@pytest.mark.parametrize("data", ["pref", "kto"])
+def test_precomputed_reference_matches_explicit_reference(
+    tmp_path, tiny_model_factory, tiny_tokenizer, tiny_preference_rows, tiny_unpaired_rows, data
+):
+    rows = tiny_preference_rows if data == "pref" else tiny_unpaired_rows
+    paired = data == "pref"
+    pre = _aot(
+        tmp_path,
+        tiny_model_factory(0),
+        rows,
+        tokenizer=tiny_tokenizer,
+        paired=paired,
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=3,
+    )
+    explicit = _aot(
+        tmp_path, tiny_model_factory(0), rows, ref_model=tiny_model_factory(0), tokenizer=tiny_tokenizer, paired=paired
+    )
+    # Move the policies away from the initial model so that the reference matters.
+    with torch.no_grad():
+        for p_pre, p_exp in zip(pre.model.parameters(), explicit.model.parameters()):
+            noise = 0.05 * torch.randn(p_pre.shape, generator=torch.Generator().manual_seed(p_pre.numel()))
+            p_pre.add_(noise)
+            p_exp.add_(noise)
+    rows_idx = list(range(7))
+    loss_pre, _ = _loss_and_grads(pre, _batch(pre, rows=rows_idx))
+    loss_exp, _ = _loss_and_grads(explicit, _batch(explicit, rows=rows_idx))
+    assert abs(loss_exp.item() - math.log(2)) > 1e-5
+    torch.testing.assert_close(loss_pre, loss_exp, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- refused options
+
+
+REFUSED = [
+    (dict(use_weighting=True), ValueError, "WPO"),
+    (dict(f_divergence_type="forward_kl"), ValueError, "f_divergence_type"),
+    (dict(loss_type="aot_pair"), ValueError, "unpaired"),
+    (dict(loss_type="sigmoid"), ValueError, "only computes the AOT loss"),
+    (dict(loss_type=["aot", "sft"]), ValueError, "single AOT loss"),
+    (dict(loss_type="aot_unpaired", paired=True), ValueError, "contradicts"),
+    (dict(loss_weights=[0.5]), ValueError, "loss_weights"),
+    (dict(backend="triton"), NotImplementedError, "Triton backend"),
+    (dict(backend="cuda"), ValueError, "backend"),
+    (dict(sort="bitonic"), ValueError, "sort"),
+    (dict(sort="soft", soft_sort_strength=0.0), ValueError, "regularization_strength"),
+    (dict(cost="zero_one"), ValueError, "cost"),
+    (dict(cost="hinge", label_smoothing=0.1), ValueError, "label_smoothing"),
+    (dict(empty_class="drop"), ValueError, "empty_class"),
+    (dict(paired="yes"), TypeError, "paired"),
+]
+
+
+@pytest.mark.parametrize(("options", "error", "match"), REFUSED, ids=[str(r[0]) for r in REFUSED])
+def test_refused_options_in_config(tmp_path, options, error, match):
+    with pytest.raises(error, match=match):
+        AOTConfig(**_common(tmp_path, **options))
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"), REFUSED[:3] + REFUSED[7:8], ids=["wpo", "fdiv", "aot_pair", "triton"]
+)
+def test_refused_options_in_trainer_init(
+    tmp_path, tiny_model, tiny_model_factory, tiny_tokenizer, tiny_preference_rows, options, error, match
+):
+    args = AOTConfig(**_common(tmp_path))
+    for key, value in options.items():  # edited after the config was built
+        setattr(args, key, value)
+    with pytest.raises(error, match=match):
+        AOTTrainer(
+            tiny_model,
+            ref_model=tiny_model_factory(1),
+            args=args,
+            train_dataset=Dataset.from_list(tiny_preference_rows),
+            processing_class=tiny_tokenizer,
+        )
+
+
+def test_trainer_refuses_dpo_config_and_bad_data_combinations(
+    tmp_path, tiny_model_factory, tiny_tokenizer, tiny_preference_rows, tiny_unpaired_rows
+):
+    def build(args, rows, eval_rows=None):
+        return AOTTrainer(
+            tiny_model_factory(0),
+            ref_model=tiny_model_factory(1),
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            eval_dataset=None if eval_rows is None else Dataset.from_list(eval_rows),
+            processing_class=tiny_tokenizer,
+        )
+
+    with pytest.raises(TypeError, match="AOTConfig"):
+        build(DPOConfig(loss_type=["aot"], **_common(tmp_path)), tiny_preference_rows)
+    with pytest.raises(ValueError, match="paired=False"):
+        build(AOTConfig(**_common(tmp_path, paired=True)), tiny_unpaired_rows)
+    with pytest.raises(ValueError, match="ld_alpha"):
+        build(AOTConfig(**_common(tmp_path, paired=False, ld_alpha=0.5)), tiny_unpaired_rows)
+    with pytest.raises(ValueError, match="one format"):
+        build(AOTConfig(**_common(tmp_path, paired=False)), tiny_unpaired_rows, tiny_preference_rows)
+
+
+def test_global_batch_in_one_process_is_the_local_loss(
+    tmp_path, tiny_model_factory, tiny_tokenizer, tiny_unpaired_rows
+):
+    losses = []
+    for global_batch in (False, True):
+        trainer = _aot(
+            tmp_path,
+            tiny_model_factory(0),
+            tiny_unpaired_rows,
+            ref_model=tiny_model_factory(1),
+            tokenizer=tiny_tokenizer,
+            paired=False,
+            global_batch=global_batch,
+        )
+        assert (trainer._global_aot_loss is not None) is global_batch
+        losses.append(_loss_and_grads(trainer, _batch(trainer, 9))[0])
+    assert losses[0].item() > 0
+    torch.testing.assert_close(losses[1], losses[0])
+
+
+def test_defaults(tmp_path):
+    cpu = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False)
+    args = AOTConfig(**cpu)
+    assert args.beta == 0.01 and args.paired is True and args.loss_type == ["aot"]
+    assert args.cost == "logistic" and args.sort == "hard" and args.backend == "auto"
+    assert args.empty_class == "skip" and args.global_batch is False and args.log_fsd is True
+    assert AOTConfig(**cpu, loss_type="aot_unpaired").paired is False
+    assert AOTConfig(**cpu, loss_type="aot").paired is True
+    assert AOTConfig(**cpu, paired=False).loss_type == ["aot_unpaired"]
+
+
+# ---------------------------------------------------------------- example script
+
+
+def test_example_script_runs_offline(tmp_path, tiny_model_dir, tiny_unpaired_rows):
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in tiny_unpaired_rows))
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        str(REPO / "integrations" / "examples" / "train_aot_trl.py"),
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--paired",
+        "False",
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-2",
+        "--use_peft",
+        "--lora_target_modules",
+        "q_proj",
+        "v_proj",
+        "--use_cpu",
+        "--report_to",
+        "none",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "train_results.json").read_text())
+    assert metrics["global_step"] == 3 and math.isfinite(metrics["train_loss"])
+    assert (out / "adapter_config.json").exists()
