@@ -29,8 +29,6 @@ Requires ``trl>=1.15`` (``pip install 'otloss[trl]'``).
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -72,14 +70,6 @@ _EMPTY_CLASS = ("skip", "carry_over")
 # Batch keys that are not model inputs.
 _NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "label", "ref_logps"})
 _PADDED_KEYS = {"input_ids": None, "attention_mask": 0, "completion_mask": 0}  # None: the pad token id
-
-
-def _global_batch_available() -> bool:
-    """Whether otloss can sort across data-parallel ranks (``otloss.distributed`` and ``AOTLoss(global_batch=...)``)."""
-    return (
-        importlib.util.find_spec("otloss.distributed") is not None
-        and "global_batch" in inspect.signature(AOTLoss.__init__).parameters
-    )
 
 
 def _distributed_world() -> int:
@@ -152,20 +142,17 @@ def _check_options(args: AOTConfig) -> AOTLoss:
         )
     if args.backend not in _BACKENDS:
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {args.backend!r}")
-    if args.backend == "triton":
-        raise NotImplementedError(
-            "backend='triton': the Triton backend of otloss is not available yet. Use backend='auto' or 'torch'."
-        )
-    if args.global_batch and not _global_batch_available():
-        raise NotImplementedError(
-            "global_batch=True (sorting the rewards of all data-parallel ranks together) needs otloss.distributed "
-            "and an AOTLoss that accepts global_batch, which this version of otloss does not provide. Set "
-            "global_batch=False: each rank then sorts its own micro-batch, as TRL does."
-        )
     if args.empty_class not in _EMPTY_CLASS:
         raise ValueError(f"empty_class must be 'skip' or 'carry_over', got {args.empty_class!r}")
     sort = _build_sort(args.sort, args.soft_sort_strength)
-    return AOTLoss(paired=args.paired, cost=args.cost, beta=args.beta, label_smoothing=args.label_smoothing, sort=sort)
+    return AOTLoss(
+        paired=args.paired,
+        cost=args.cost,
+        beta=args.beta,
+        label_smoothing=args.label_smoothing,
+        sort=sort,
+        backend=args.backend,
+    )
 
 
 @dataclass
@@ -190,11 +177,11 @@ class AOTConfig(DPOConfig):
         label_smoothing: logistic cost only (TRL's conservative smoothing).
         sort: ``"hard"`` (TRL's) or ``"soft"`` (:class:`otloss.SoftSort`).
         soft_sort_strength: regularisation strength of the soft sort (``0.1``, the paper's).
-        backend: ``"auto"`` or ``"torch"``; ``"triton"`` raises ``NotImplementedError``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``, as in :func:`otloss.ot_h_1d`
+            (``"auto"`` runs otloss's fused Triton kernel on CUDA when it applies).
         global_batch: sort the values of all data-parallel ranks together (through
             :mod:`otloss.distributed`) instead of each rank's micro-batch. Same result
-            as ``False`` in a single process. Raises ``NotImplementedError`` when the
-            installed otloss lacks it.
+            as ``False`` in a single process.
         empty_class: what an unpaired training batch without a desirable or without
             an undesirable example does: ``"skip"`` (zero loss and zero gradient) or
             ``"carry_over"`` (its examples join the next batch).
@@ -219,7 +206,7 @@ class AOTConfig(DPOConfig):
     )
     sort: str = field(default="hard", metadata={"help": "'hard' or 'soft'."})
     soft_sort_strength: float = field(default=0.1, metadata={"help": "Regularisation strength of the soft sort."})
-    backend: str = field(default="auto", metadata={"help": "'auto' or 'torch' ('triton' is not available yet)."})
+    backend: str = field(default="auto", metadata={"help": "'auto', 'torch' or 'triton' (otloss's fused kernel)."})
     global_batch: bool = field(
         default=False, metadata={"help": "Sort across data-parallel ranks (otloss.distributed)."}
     )
@@ -289,8 +276,6 @@ class AOTTrainer(DPOTrainer):
         ValueError: an option AOT cannot honour (see :class:`AOTConfig`); KTO-format
             data with ``paired=True`` or with ``ld_alpha``; train and eval data in
             different formats.
-        NotImplementedError: ``backend="triton"``, or ``global_batch=True`` without
-            otloss.distributed.
     """
 
     _tag_names: ClassVar[list[str]] = ["trl", "dpo", "aot", "otloss"]

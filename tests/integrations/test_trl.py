@@ -345,7 +345,6 @@ REFUSED = [
     (dict(loss_type=["aot", "sft"]), ValueError, "single AOT loss"),
     (dict(loss_type="aot_unpaired", paired=True), ValueError, "contradicts"),
     (dict(loss_weights=[0.5]), ValueError, "loss_weights"),
-    (dict(backend="triton"), NotImplementedError, "Triton backend"),
     (dict(backend="cuda"), ValueError, "backend"),
     (dict(sort="bitonic"), ValueError, "sort"),
     (dict(sort="soft", soft_sort_strength=0.0), ValueError, "regularization_strength"),
@@ -363,7 +362,7 @@ def test_refused_options_in_config(tmp_path, options, error, match):
 
 
 @pytest.mark.parametrize(
-    ("options", "error", "match"), REFUSED[:3] + REFUSED[7:8], ids=["wpo", "fdiv", "aot_pair", "triton"]
+    ("options", "error", "match"), REFUSED[:3] + REFUSED[7:8], ids=["wpo", "fdiv", "aot_pair", "backend"]
 )
 def test_refused_options_in_trainer_init(
     tmp_path, tiny_model, tiny_model_factory, tiny_tokenizer, tiny_preference_rows, options, error, match
