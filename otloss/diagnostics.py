@@ -17,7 +17,7 @@ from otloss._validation import (
 )
 from otloss.functional import fsd_violation
 
-__all__ = ["fsd_report", "quantile_function", "quantile_margins"]
+__all__ = ["DEFAULT_QUANTILES", "fsd_report", "quantile_function", "quantile_margins"]
 
 DEFAULT_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 

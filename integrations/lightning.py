@@ -1,0 +1,852 @@
+"""PyTorch Lightning adapter: AOT preference alignment of a Hugging Face causal LM.
+
+Needs the ``lightning`` extra (``pip install 'otloss[lightning]'``); importing this
+module without Lightning raises an ``ImportError`` that says so.
+
+* :class:`AOTAlignmentModule`: a ``LightningModule`` that computes sequence
+  log-probabilities of chosen/rejected completions under the policy and the
+  reference and applies :class:`otloss.AOTLoss`.
+* :class:`AOTDataModule`: a ``LightningDataModule`` over in-memory examples,
+  collated by :class:`PairedCollator` or :class:`UnpairedCollator`.
+* :class:`QuantilePlotCallback`: at the end of each validation, plots reward and
+  margin quantiles to a PNG and to the logger when it takes images.
+
+Example:
+    >>> from otloss.integrations.lightning import AOTAlignmentModule, AOTDataModule
+    >>> module = AOTAlignmentModule(peft_model, beta=0.01, lr=1e-4)
+    >>> data = AOTDataModule(tokenizer, train_examples, val_examples, batch_size=8)
+    >>> lightning.Trainer(max_epochs=1, strategy="ddp").fit(module, datamodule=data)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+try:
+    import lightning.pytorch as pl
+except ImportError as exc:  # pragma: no cover - exercised by a test that hides lightning
+    raise ImportError(
+        "otloss.integrations.lightning needs PyTorch Lightning, transformers, peft and matplotlib: "
+        "pip install 'otloss[lightning]'"
+    ) from exc
+
+import torch
+from otloss.integrations._hf import (
+    PairedCollator,
+    UnpairedCollator,
+    disable_adapters,
+    is_peft_model,
+    sequence_logps,
+)
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from otloss.diagnostics import DEFAULT_QUANTILES, fsd_report, quantile_function
+from otloss.functional import CostArg, SortArg
+from otloss.modules import AOTLoss
+
+__all__ = [
+    "AOTAlignmentModule",
+    "AOTDataModule",
+    "PairedCollator",
+    "QuantilePlotCallback",
+    "UnpairedCollator",
+    "sequence_logps",
+]
+
+_PAIRED_KEYS = ("chosen_input_ids", "chosen_attention_mask", "chosen_loss_mask")
+_PAIRED_KEYS += tuple(k.replace("chosen", "rejected") for k in _PAIRED_KEYS)
+_UNPAIRED_KEYS = ("input_ids", "attention_mask", "loss_mask", "label")
+
+
+def _check_backend(backend: object) -> None:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+
+
+def _check_global_batch(global_batch: object) -> None:
+    if not isinstance(global_batch, bool):
+        raise TypeError(f"global_batch must be a bool, got {type(global_batch).__name__}")
+
+
+def _right_pad(t: Tensor, length: int) -> Tensor:
+    if t.shape[-1] == length:
+        return t
+    return torch.nn.functional.pad(t, (0, length - t.shape[-1]), value=0)
+
+
+class AOTAlignmentModule(pl.LightningModule):
+    """Align a causal LM with AOT (Alignment via Optimal Transport).
+
+    Each step computes the sequence log-probabilities (prompt tokens masked out,
+    see :func:`otloss.integrations._hf.sequence_logps`) of the batch's completions
+    under the policy and the reference, then :class:`otloss.AOTLoss`:
+
+    * ``paired=True``: batches from :class:`PairedCollator`; the policy margins
+      ``logp(chosen) - logp(rejected)`` are pushed to dominate the reference margins.
+    * ``paired=False``: batches from :class:`UnpairedCollator` with ``n`` desirable
+      and ``m`` undesirable samples (``n != m`` allowed); the desirable log-ratios
+      ``logp_policy - logp_ref`` are pushed to dominate the undesirable ones.
+
+    Reference model:
+
+    * ``ref_model=None`` and a PEFT policy (``peft.PeftModel`` or a ``transformers``
+      model with adapters added): the reference is the same model with its
+      adapters disabled, so no second copy is held. This switches module flags
+      only, so it also holds when the layers are sharded (FSDP).
+    * ``ref_model`` given: that model, frozen here (``requires_grad_(False)`` and
+      kept in eval mode). It is a submodule, so strategies move and shard it and
+      checkpoints include it.
+
+    Logged (``train/`` per step, ``val/`` per epoch): ``loss``; ``rewards/chosen``
+    and ``rewards/rejected`` (mean log-ratio ``logp_policy - logp_ref``, unscaled
+    by ``beta``), ``rewards/margins`` (their difference) and, when paired,
+    ``rewards/accuracies``; the FSD diagnostics of :func:`otloss.fsd_report` of the
+    loss's ``u`` over ``v`` (``fsd_area``, ``fsd_w1``, ``fsd_w2``,
+    ``quantile_margin_<t>``); ``skipped_batches`` for unpaired batches lacking a class.
+
+    Unpaired batch with no desirable or no undesirable sample: the AOT loss is
+    undefined. In a single process ``training_step`` returns ``None`` before any
+    forward pass, so Lightning skips the optimizer step (no update). With several
+    processes it returns a zero loss attached to the graph, so that the gradient
+    all-reduce stays in step; that rank then adds zero to the averaged gradient.
+
+    Args:
+        model: the policy, a Hugging Face causal LM (PEFT-wrapped or not) with
+            trainable parameters.
+        ref_model: an explicit reference model, or ``None`` (see above).
+        paired: paired (Algorithm 2) or unpaired (Algorithm 1) AOT.
+        cost: ``"logistic"``, ``"hinge"``, ``"squared_hinge"``, ``"least_squares"``,
+            or an :class:`otloss.Cost` / callable; see :func:`otloss.aot_loss`.
+        beta: for a cost given by name; ``None`` means 0.01 (the paper's value).
+        label_smoothing: logistic cost only.
+        sort: ``"hard"``, ``"soft"`` or an :class:`otloss.SoftSort`.
+        backend: passed to :func:`otloss.aot_loss`: ``"auto"``, ``"torch"`` or
+            ``"triton"`` (the fused kernels, CUDA only).
+        global_batch: with several processes, all-gather the margins (paired) or
+            log-ratios (unpaired) of every rank and sort the global batch (see
+            :mod:`otloss.distributed`: the gradient is that of the single-process
+            loss on the concatenated batch). In a single process it changes
+            nothing. Unpaired: a rank may then hold no sample of a class; a step is
+            skipped on every rank only when the *global* batch lacks one.
+            ``False``: each rank sorts its own batch.
+        logps_reduction: ``"sum"`` (sequence log-probability) or ``"mean"``
+            (per completion token).
+        optimizer: ``"adamw"`` (``torch.optim.AdamW``) or a callable taking the
+            trainable parameters and returning an optimizer.
+        lr: AdamW learning rate (ignored by a callable ``optimizer``).
+        weight_decay: AdamW weight decay (ignored by a callable ``optimizer``).
+        optimizer_kwargs: further AdamW keyword arguments (e.g. ``betas``).
+        lr_scheduler: ``None`` or a callable taking the optimizer and returning a
+            scheduler (stepped every optimizer step) or a Lightning
+            ``lr_scheduler`` config dict.
+        log_fsd: log the FSD diagnostics (a host sync per step on GPU).
+        fsd_quantiles: levels of the logged ``quantile_margin_<t>``.
+        validate_args: passed to :class:`otloss.AOTLoss` (NaN/Inf checks).
+        fsdp2_modules: under Lightning's ``ModelParallelStrategy`` (FSDP2),
+            :meth:`configure_model` applies ``fully_shard`` to every submodule whose
+            class (or class name) is listed, then to the policy (and the reference
+            model). ``None`` uses the model's ``_no_split_modules`` (the decoder
+            layer class of every ``transformers`` LM). Ignored by other strategies.
+        fsdp2_kwargs: extra keyword arguments for ``fully_shard`` (e.g. ``mp_policy``).
+
+    Raises:
+        ValueError / TypeError: incompatible options, at construction.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        ref_model: nn.Module | None = None,
+        paired: bool = True,
+        cost: CostArg = "logistic",
+        beta: float | None = None,
+        label_smoothing: float = 0.0,
+        sort: SortArg = "hard",
+        backend: Literal["auto", "torch"] = "auto",
+        global_batch: bool = False,
+        logps_reduction: Literal["sum", "mean"] = "sum",
+        optimizer: Literal["adamw"] | Callable[[list[nn.Parameter]], torch.optim.Optimizer] = "adamw",
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        optimizer_kwargs: Mapping[str, Any] | None = None,
+        lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        log_fsd: bool = True,
+        fsd_quantiles: Sequence[float] = DEFAULT_QUANTILES,
+        validate_args: bool | None = None,
+        fsdp2_modules: Sequence[str | type[nn.Module]] | None = None,
+        fsdp2_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (a causal LM), got {type(model).__name__}")
+        if not isinstance(paired, bool):
+            raise TypeError(f"paired must be a bool, got {type(paired).__name__}")
+        _check_backend(backend)
+        _check_global_batch(global_batch)
+        if logps_reduction not in ("sum", "mean"):
+            raise ValueError(f"logps_reduction must be 'sum' or 'mean', got {logps_reduction!r}")
+        if ref_model is not None:
+            if not isinstance(ref_model, nn.Module):
+                raise TypeError(f"ref_model must be a torch.nn.Module or None, got {type(ref_model).__name__}")
+            if ref_model is model:
+                raise ValueError(
+                    "ref_model is the policy itself: pass ref_model=None with a PEFT policy (the reference is "
+                    "then the model with adapters disabled) or a separate copy, e.g. copy.deepcopy(model)"
+                )
+        elif not is_peft_model(model):
+            raise ValueError(
+                f"{type(model).__name__} is not a PEFT model, so the reference cannot be taken by disabling "
+                "adapters: wrap it with LoRA (peft.get_peft_model(model, LoraConfig(...))) or pass "
+                "ref_model=copy.deepcopy(model) before training"
+            )
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("model has no trainable parameter (every requires_grad is False)")
+        if optimizer != "adamw" and not callable(optimizer):
+            raise ValueError(f"optimizer must be 'adamw' or a callable params -> Optimizer, got {optimizer!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a finite positive number, got {lr!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if lr_scheduler is not None and not callable(lr_scheduler):
+            raise TypeError("lr_scheduler must be None or a callable optimizer -> scheduler (or config dict)")
+        fsd_quantiles = tuple(float(q) for q in fsd_quantiles)
+        if not fsd_quantiles or any(not 0 <= q <= 1 for q in fsd_quantiles):
+            raise ValueError(f"fsd_quantiles must be a non-empty sequence of levels in [0, 1], got {fsd_quantiles}")
+
+        self.model = model
+        self.ref_model = ref_model
+        if ref_model is not None:
+            ref_model.requires_grad_(False)
+            ref_model.eval()
+        # Built once: validates cost / beta / label_smoothing / sort / backend now.
+        self.loss_fn = AOTLoss(
+            paired=paired,
+            cost=cost,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            sort=sort,
+            validate_args=validate_args,
+            backend=backend,
+        )
+        # With global_batch, a second module sorts across ranks; the first serves a single process.
+        self.global_loss_fn = (
+            AOTLoss(
+                paired=paired,
+                cost=cost,
+                beta=beta,
+                label_smoothing=label_smoothing,
+                sort=sort,
+                validate_args=validate_args,
+                global_batch=True,
+                backend=backend,
+            )
+            if global_batch
+            else None
+        )
+        self.paired = paired
+        self.backend = backend
+        self.global_batch = global_batch
+        self.logps_reduction = logps_reduction
+        self._optimizer = optimizer
+        self._lr = float(lr)
+        self._weight_decay = float(weight_decay)
+        self._optimizer_kwargs = dict(optimizer_kwargs or {})
+        self._lr_scheduler = lr_scheduler
+        self.log_fsd = log_fsd
+        self.fsd_quantiles = fsd_quantiles
+        self._fsdp2_modules = None if fsdp2_modules is None else tuple(fsdp2_modules)
+        self._fsdp2_kwargs = dict(fsdp2_kwargs or {})
+        self._fsdp2_applied = False
+        self.save_hyperparameters(
+            {
+                "paired": paired,
+                "cost": cost if isinstance(cost, str) else repr(cost),
+                "beta": beta,
+                "label_smoothing": label_smoothing,
+                "sort": sort if isinstance(sort, str) else repr(sort),
+                "backend": backend,
+                "global_batch": global_batch,
+                "logps_reduction": logps_reduction,
+                "optimizer": optimizer if isinstance(optimizer, str) else repr(optimizer),
+                "lr": float(lr),
+                "weight_decay": float(weight_decay),
+                "reference": "ref_model" if ref_model is not None else "disabled_adapters",
+            }
+        )
+        self._val_buffers: dict[str, list[Tensor]] = {}
+        self._val_scores: dict[str, Tensor] | None = None
+
+    # ------------------------------------------------------------------ modes
+
+    def train(self, mode: bool = True) -> AOTAlignmentModule:
+        """Set train/eval mode; an explicit reference model always stays in eval mode."""
+        super().train(mode)
+        if self.ref_model is not None:
+            self.ref_model.eval()
+        return self
+
+    @contextmanager
+    def _reference(self) -> Iterator[nn.Module]:
+        if self.ref_model is not None:
+            with nullcontext():
+                yield self.ref_model
+        else:
+            with disable_adapters(self.model):
+                yield self.model
+
+    # ------------------------------------------------------------------ sharding
+
+    def _shard_targets(self, model: nn.Module) -> tuple[str | type[nn.Module], ...]:
+        if self._fsdp2_modules is not None:
+            return self._fsdp2_modules
+        names: set[str] = set()
+        for sub in model.modules():
+            names.update(getattr(sub, "_no_split_modules", None) or ())
+        if not names:
+            raise ValueError(
+                f"{type(model).__name__} declares no _no_split_modules: pass fsdp2_modules=[<decoder layer class>] "
+                "to AOTAlignmentModule to shard it with ModelParallelStrategy"
+            )
+        return tuple(sorted(names))
+
+    def configure_model(self) -> None:
+        """Shard with FSDP2 (``fully_shard``) when the strategy provides a device mesh.
+
+        Only Lightning's ``ModelParallelStrategy`` sets the mesh; under every other
+        strategy this does nothing. The data-parallel dimension of the mesh is used.
+        Each matching layer is sharded on its own, then the policy root (and the
+        reference model the same way). PEFT adapters stay ordinary submodules of
+        the sharded layers, so disabling them for the reference still only flips flags.
+        """
+        mesh = self._device_mesh
+        if mesh is None or self._fsdp2_applied:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names:
+            if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() != 1:
+                raise ValueError(
+                    "AOTAlignmentModule shards over data parallelism only: use "
+                    "ModelParallelStrategy(data_parallel_size=<world size>, tensor_parallel_size=1)"
+                )
+            mesh = mesh["data_parallel"]
+        for model in (self.model, self.ref_model):
+            if model is None:
+                continue
+            targets = self._shard_targets(model)
+            classes = tuple(t for t in targets if isinstance(t, type))
+            names = {t for t in targets if isinstance(t, str)}
+            matched = [
+                m for m in model.modules() if m is not model and (isinstance(m, classes) or type(m).__name__ in names)
+            ]
+            if not matched:
+                raise ValueError(f"no submodule of {type(model).__name__} matches fsdp2_modules={list(targets)}")
+            for m in matched:
+                fully_shard(m, mesh=mesh, **self._fsdp2_kwargs)
+            fully_shard(model, mesh=mesh, **self._fsdp2_kwargs)
+        self._fsdp2_applied = True
+
+    # ------------------------------------------------------------------ log-probs and loss
+
+    def _logps(self, model: nn.Module, ids: Tensor, attn: Tensor, mask: Tensor) -> Tensor:
+        return sequence_logps(model, ids, attn, mask, reduction=self.logps_reduction)
+
+    def _model_inputs(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        keys = _PAIRED_KEYS if self.paired else _UNPAIRED_KEYS
+        missing = [k for k in keys if k not in batch]
+        if missing:
+            collator = "PairedCollator" if self.paired else "UnpairedCollator"
+            raise KeyError(
+                f"{'paired' if self.paired else 'unpaired'} AOT batch is missing {missing}; "
+                f"collate examples with otloss.integrations.lightning.{collator} (or AOTDataModule(paired={self.paired}))"
+            )
+        if not self.paired:
+            return batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        length = max(batch["chosen_input_ids"].shape[-1], batch["rejected_input_ids"].shape[-1])
+        parts = []
+        for suffix in ("input_ids", "attention_mask", "loss_mask"):
+            c, r = batch[f"chosen_{suffix}"], batch[f"rejected_{suffix}"]
+            parts.append(torch.cat([_right_pad(c, length), _right_pad(r, length)]))
+        return parts[0], parts[1], parts[2]
+
+    def compute_logps(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Sequence log-probabilities of a batch under the policy and the reference.
+
+        The reference runs first under ``torch.no_grad()``; the policy runs once on
+        chosen and rejected sequences together (paired) or on all sequences (unpaired).
+
+        Args:
+            batch: from :class:`PairedCollator` (``[B, T]`` tensors) or
+                :class:`UnpairedCollator` (``[B, T]`` tensors and a ``[B]`` ``label``).
+
+        Returns:
+            ``policy_chosen``, ``policy_rejected``, ``ref_chosen``, ``ref_rejected``:
+            ``[B]`` each when paired; ``[n]`` and ``[m]`` (the desirable and
+            undesirable samples) when unpaired. Float32.
+        """
+        ids, attn, mask = self._model_inputs(batch)
+        with torch.no_grad(), self._reference() as ref:
+            ref_lp = self._logps(ref, ids, attn, mask)
+        pol_lp = self._logps(self.model, ids, attn, mask)
+        if self.paired:
+            b = batch["chosen_input_ids"].shape[0]
+            return {
+                "policy_chosen": pol_lp[:b],
+                "policy_rejected": pol_lp[b:],
+                "ref_chosen": ref_lp[:b],
+                "ref_rejected": ref_lp[b:],
+            }
+        label = batch["label"].to(device=pol_lp.device, dtype=torch.bool)
+        return {
+            "policy_chosen": pol_lp[label],
+            "policy_rejected": pol_lp[~label],
+            "ref_chosen": ref_lp[label],
+            "ref_rejected": ref_lp[~label],
+        }
+
+    def _world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _global(self) -> bool:
+        """Sort across ranks: ``global_batch`` set and an initialised process group of several ranks."""
+        import torch.distributed as dist
+
+        return (
+            self.global_loss_fn is not None
+            and self._world() > 1
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        )
+
+    def _has_both_classes(self, batch: Mapping[str, Tensor]) -> bool:
+        """Whether the batch that the loss sorts (local, or global with ``global_batch``) has both classes."""
+        if self.paired:
+            return True
+        if "label" not in batch:
+            self._model_inputs(batch)  # raises the KeyError
+        label = batch["label"].to(torch.bool)
+        counts = torch.stack([label.sum(), (~label).sum()]).to(self.device)
+        if self._global():
+            import torch.distributed as dist
+
+            dist.all_reduce(counts)
+        return bool((counts > 0).all())
+
+    def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """The AOT loss of a batch and the log-probabilities it came from.
+
+        With ``global_batch`` and several processes this is a collective (every
+        rank must call it) and the loss is that of the global batch.
+
+        Returns:
+            ``(loss, logps)``: ``loss`` is a scalar, or ``None`` for an unpaired
+            batch without a desirable or without an undesirable sample (the global
+            batch with ``global_batch``); ``logps`` as in :meth:`compute_logps`.
+        """
+        both = self._has_both_classes(batch)
+        logps = self.compute_logps(batch)
+        if not both:
+            return None, logps
+        loss_fn = self.global_loss_fn if self._global() else self.loss_fn
+        loss = loss_fn(logps["policy_chosen"], logps["policy_rejected"], logps["ref_chosen"], logps["ref_rejected"])
+        return loss, logps
+
+    def _uv(self, logps: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The loss's ``u`` (must dominate) and ``v``, detached."""
+        pc, pr, rc, rr = (logps[k].detach() for k in ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected"))
+        if self.paired:
+            return pc - pr, rc - rr
+        return pc - rc, pr - rr
+
+    def _stats(self, logps: Mapping[str, Tensor]) -> dict[str, float]:
+        chosen = (logps["policy_chosen"] - logps["ref_chosen"]).detach()
+        rejected = (logps["policy_rejected"] - logps["ref_rejected"]).detach()
+        out: dict[str, float] = {}
+        if chosen.numel():
+            out["rewards/chosen"] = float(chosen.mean())
+        if rejected.numel():
+            out["rewards/rejected"] = float(rejected.mean())
+        if chosen.numel() and rejected.numel():
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+            if self.paired:
+                out["rewards/accuracies"] = float((chosen > rejected).float().mean())
+            if self.log_fsd:
+                u, v = self._uv(logps)
+                out.update(fsd_report(u.float(), v.float(), self.fsd_quantiles))
+        return out
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def _batch_size(self, batch: Mapping[str, Tensor]) -> int:
+        return int((batch["chosen_input_ids"] if self.paired else batch["input_ids"]).shape[0])
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor | None:
+        """One AOT step; returns the loss, or ``None`` to skip (see the class docstring)."""
+        if self._world() == 1 and not self._has_both_classes(batch):
+            self.log("train/skipped_batches", 1.0, on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1)
+            return None
+        bs = self._batch_size(batch)
+        loss, logps = self.compute_loss(batch)
+        if loss is None:
+            # keep the DDP/FSDP gradient all-reduce in step: a zero loss through every trainable parameter
+            self.log("train/skipped_batches", 1.0, on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1)
+            return 0.0 * (logps["policy_chosen"].sum() + logps["policy_rejected"].sum())
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        for key, value in self._stats(logps).items():
+            self.log(f"train/{key}", value, batch_size=bs)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_buffers = {}
+        self._val_scores = None
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor | None:
+        """Logs ``val/loss`` (epoch mean over batches) and stores the log-ratios for the epoch-end diagnostics."""
+        loss, logps = self.compute_loss(batch)
+        if loss is not None:
+            self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=self._batch_size(batch))
+        scores = {
+            "chosen": logps["policy_chosen"] - logps["ref_chosen"],
+            "rejected": logps["policy_rejected"] - logps["ref_rejected"],
+        }
+        if self.paired:
+            scores["policy_margins"] = logps["policy_chosen"] - logps["policy_rejected"]
+            scores["ref_margins"] = logps["ref_chosen"] - logps["ref_rejected"]
+        for key, value in scores.items():
+            self._val_buffers.setdefault(key, []).append(value.detach().float())
+        return loss
+
+    def _gather_1d(self, t: Tensor) -> Tensor:
+        """All-gather a 1-D tensor whose length differs across ranks."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return t
+        n = torch.tensor([t.numel()], device=t.device)
+        sizes = self.all_gather(n).reshape(-1)
+        longest = int(sizes.max())
+        padded = torch.zeros(longest, dtype=t.dtype, device=t.device)
+        padded[: t.numel()] = t
+        gathered = self.all_gather(padded).reshape(-1, longest)
+        return torch.cat([gathered[r, : int(sizes[r])] for r in range(gathered.shape[0])])
+
+    def validation_scores(self) -> dict[str, Tensor]:
+        """The current validation epoch's log-ratios, gathered over all ranks, on CPU.
+
+        A collective when distributed: call it on every rank. The result is cached
+        for the epoch (the :class:`QuantilePlotCallback` and the module's own
+        epoch-end diagnostics share it).
+
+        Returns:
+            ``chosen`` and ``rejected`` (log-ratios ``logp_policy - logp_ref`` of the
+            chosen / desirable and rejected / undesirable samples) and, when paired,
+            ``policy_margins`` and ``ref_margins`` (``logp(chosen) - logp(rejected)``).
+        """
+        if self._val_scores is None:
+            keys = ("chosen", "rejected") + (("policy_margins", "ref_margins") if self.paired else ())
+            out = {}
+            for key in keys:
+                parts = self._val_buffers.get(key, [])
+                local = torch.cat(parts) if parts else torch.zeros(0, device=self.device)
+                out[key] = self._gather_1d(local.to(self.device)).cpu()
+            self._val_scores = out
+        return self._val_scores
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self.validation_scores()
+        if self.paired:
+            u, v = scores["policy_margins"], scores["ref_margins"]
+        else:
+            u, v = scores["chosen"], scores["rejected"]
+        if u.numel() and v.numel():
+            values = {
+                "rewards/chosen": float(scores["chosen"].mean()),
+                "rewards/rejected": float(scores["rejected"].mean()),
+            }
+            values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
+            if self.paired:
+                values["rewards/accuracies"] = float((scores["chosen"] > scores["rejected"]).float().mean())
+            if self.log_fsd:
+                values.update(fsd_report(u, v, self.fsd_quantiles))
+            for key, value in values.items():
+                # computed from the gathered data: the same on every rank
+                self.log(f"val/{key}", value, on_step=False, on_epoch=True, batch_size=int(u.numel()))
+        self._val_buffers = {}
+        self._val_scores = None
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self._optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=self._lr, weight_decay=self._weight_decay, **self._optimizer_kwargs)
+        else:
+            opt = self._optimizer(params)
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(f"the optimizer callable must return a torch.optim.Optimizer, got {type(opt).__name__}")
+        if self._lr_scheduler is None:
+            return opt
+        sched = self._lr_scheduler(opt)
+        if isinstance(sched, Mapping):
+            return {"optimizer": opt, "lr_scheduler": dict(sched)}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the RNG states (torch CPU and CUDA, ``random``, numpy) so a resumed run draws the same dropout.
+
+        Stored as tensors and plain Python values, so ``torch.load(weights_only=True)`` reads them.
+        """
+        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if importlib.util.find_spec("numpy") is not None:
+            import numpy as np
+
+            name, keys, pos, has_gauss, gauss = np.random.get_state()
+            rng["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+        checkpoint["otloss_rng_states"] = rng
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the RNG states written by :meth:`on_save_checkpoint` (absent in other checkpoints: nothing done)."""
+        rng = checkpoint.get("otloss_rng_states")
+        if not rng:
+            return
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if "numpy" in rng:
+            import numpy as np
+
+            name, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+class AOTDataModule(pl.LightningDataModule):
+    """Training (and optional validation) data for :class:`AOTAlignmentModule`.
+
+    Examples are mappings of strings: ``{"prompt", "chosen", "rejected"}`` when
+    ``paired``, ``{"prompt", "completion", "label"}`` (``label`` True = desirable)
+    otherwise. Any sequence with ``len`` and integer indexing works (a list, a
+    ``datasets.Dataset``).
+
+    The training loader shuffles with a ``DistributedSampler`` seeded by ``seed``
+    and reshuffled per epoch (Lightning calls ``set_epoch``); with several
+    processes each rank gets its own shard. The order therefore depends only on
+    ``seed`` and the epoch, which keeps a run resumed from an end-of-epoch
+    checkpoint on the same batches.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        train_data: training examples.
+        val_data: optional validation examples (not shuffled).
+        paired: paired or unpaired examples.
+        batch_size: per-process training batch size (pairs, or samples when unpaired).
+        val_batch_size: defaults to ``batch_size``.
+        max_length, max_prompt_length, add_eos, pad_to_multiple_of: see :class:`PairedCollator`.
+        shuffle: shuffle the training data.
+        seed: shuffling seed.
+        num_workers: ``DataLoader`` workers.
+        drop_last: drop the last incomplete training batch.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        train_data: Sequence[Mapping[str, Any]],
+        val_data: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        paired: bool = True,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        max_length: int | None = None,
+        max_prompt_length: int | None = None,
+        add_eos: bool = True,
+        pad_to_multiple_of: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(paired, bool):
+            raise TypeError(f"paired must be a bool, got {type(paired).__name__}")
+        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        keys = ("prompt", "chosen", "rejected") if paired else ("prompt", "completion", "label")
+        for name, data in (("train_data", train_data), ("val_data", val_data)):
+            if data is None:
+                continue
+            if len(data) == 0:
+                raise ValueError(f"{name} is empty")
+            first = data[0]
+            if not isinstance(first, Mapping) or any(k not in first for k in keys):
+                got = sorted(first) if isinstance(first, Mapping) else type(first).__name__
+                raise ValueError(
+                    f"{name} examples must be mappings with keys {list(keys)} for paired={paired}, got {got}"
+                )
+        collator_cls = PairedCollator if paired else UnpairedCollator
+        self.collator = collator_cls(
+            tokenizer,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            add_eos=add_eos,
+            pad_to_multiple_of=pad_to_multiple_of,
+        )
+        self.train_data = train_data
+        self.val_data = val_data
+        self.paired = paired
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_workers = num_workers
+        self.drop_last = drop_last
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self._world()
+        sampler = DistributedSampler(
+            self.train_data, num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self.seed
+        )
+        return DataLoader(
+            self.train_data,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            drop_last=self.drop_last,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_data is None:
+            return []
+        return DataLoader(
+            self.val_data,
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+        )
+
+
+class QuantilePlotCallback(pl.Callback):
+    """Plot reward and margin quantiles at the end of every validation (the AOT paper's Figure 1).
+
+    Left panel: the quantile functions of the chosen (desirable) and rejected
+    (undesirable) log-ratios ``logp_policy - logp_ref``. Right panel: when paired,
+    the quantile functions of the policy margins and the reference margins
+    ``logp(chosen) - logp(rejected)`` (AOT pushes the first above the second);
+    when unpaired, the gap ``Q_chosen(t) - Q_rejected(t)`` (below zero: FSD
+    violated at level ``t``).
+
+    The figure is saved on global rank 0 as
+    ``<dirpath>/aot_quantiles_epoch<E>_step<S>.png`` and sent to every logger that
+    takes images: loggers with a ``log_image(key, images, step)`` method (e.g.
+    ``WandbLogger``), ``TensorBoardLogger`` (``add_figure``) and ``MLFlowLogger``
+    (``log_figure``). The sanity-check validation is skipped.
+
+    Args:
+        dirpath: where to save; ``None`` means ``<trainer.default_root_dir>/aot_quantiles``.
+        every_n_epochs: plot every n-th validation epoch.
+        num_levels: quantile levels evenly spaced in ``(0, 1)``.
+        key: the image key for loggers.
+
+    Attributes:
+        paths: the PNG files written so far.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | Path | None = None,
+        every_n_epochs: int = 1,
+        num_levels: int = 99,
+        key: str = "val/aot_quantiles",
+    ) -> None:
+        super().__init__()
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if num_levels < 2:
+            raise ValueError(f"num_levels must be >= 2, got {num_levels}")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as exc:
+            raise ImportError("QuantilePlotCallback needs matplotlib: pip install 'otloss[lightning]'") from exc
+        self.dirpath = None if dirpath is None else Path(dirpath)
+        self.every_n_epochs = every_n_epochs
+        self.num_levels = num_levels
+        self.key = key
+        self.paths: list[Path] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, AOTAlignmentModule):
+            raise TypeError(f"QuantilePlotCallback needs an AOTAlignmentModule, got {type(pl_module).__name__}")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs != 0:
+            return
+        scores = pl_module.validation_scores()  # collective: every rank calls it
+        if not trainer.is_global_zero:
+            return
+        if scores["chosen"].numel() == 0 or scores["rejected"].numel() == 0:
+            return
+        fig = self.figure(
+            scores, paired=pl_module.paired, title=f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+        )
+        dirpath = self.dirpath or Path(trainer.default_root_dir) / "aot_quantiles"
+        dirpath.mkdir(parents=True, exist_ok=True)
+        path = dirpath / f"aot_quantiles_epoch{trainer.current_epoch}_step{trainer.global_step}.png"
+        fig.savefig(path, dpi=100)
+        self.paths.append(path)
+        for logger in trainer.loggers:
+            self._log_figure(logger, fig, path, trainer.global_step)
+
+    def figure(self, scores: Mapping[str, Tensor], *, paired: bool, title: str = "") -> Any:
+        """The two-panel ``matplotlib.figure.Figure`` for ``scores`` (see :meth:`AOTAlignmentModule.validation_scores`)."""
+        from matplotlib.figure import Figure
+
+        t = torch.linspace(0, 1, self.num_levels + 2, dtype=torch.float64)[1:-1]
+        q = {k: quantile_function(v.double(), t).numpy() for k, v in scores.items() if v.numel()}
+        tt = t.numpy()
+        fig = Figure(figsize=(10, 4), layout="constrained")
+        ax1, ax2 = fig.subplots(1, 2)
+        ax1.plot(tt, q["chosen"], label="chosen")
+        ax1.plot(tt, q["rejected"], label="rejected")
+        ax1.set(xlabel="quantile level t", ylabel="log-ratio logp_policy - logp_ref", title="reward quantiles")
+        ax1.legend()
+        if paired and "policy_margins" in q and "ref_margins" in q:
+            ax2.plot(tt, q["policy_margins"], label="policy")
+            ax2.plot(tt, q["ref_margins"], label="reference")
+            ax2.set(xlabel="quantile level t", ylabel="logp(chosen) - logp(rejected)", title="margin quantiles")
+            ax2.legend()
+        else:
+            ax2.plot(tt, q["chosen"] - q["rejected"], label="Q_chosen - Q_rejected")
+            ax2.axhline(0.0, color="grey", linewidth=0.8)
+            ax2.set(xlabel="quantile level t", ylabel="quantile gap", title="FSD gap (below 0: violation)")
+            ax2.legend()
+        if title:
+            fig.suptitle(title)
+        return fig
+
+    def _log_figure(self, logger: Any, fig: Any, path: Path, step: int) -> None:
+        if callable(getattr(logger, "log_image", None)):
+            logger.log_image(key=self.key, images=[str(path)], step=step)
+            return
+        experiment = getattr(logger, "experiment", None)
+        if callable(getattr(experiment, "add_figure", None)):
+            experiment.add_figure(self.key, fig, global_step=step)
+        elif callable(getattr(experiment, "log_figure", None)) and getattr(logger, "run_id", None):
+            experiment.log_figure(logger.run_id, fig, f"{self.key.replace('/', '_')}_step{step}.png")
