@@ -86,8 +86,9 @@ def _ot_rows_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n
-    u = tl.load(U + row * stride_u + offs, mask=mask, other=PAD).to(tl.float32)
-    v = tl.load(V + row * stride_v + offs, mask=mask, other=PAD).to(tl.float32)
+    # pad after the cast to float32 (PAD is not representable in float16/bfloat16)
+    u = tl.where(mask, tl.load(U + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32), PAD)
+    v = tl.where(mask, tl.load(V + row * stride_v + offs, mask=mask, other=0.0).to(tl.float32), PAD)
     us, iu = _sort_with_index(u, offs)  # padding sorts last, so sorted slot i < n is real
     vs, iv = _sort_with_index(v, offs)
     h, dh = _cost_and_grad(us - vs, beta, ls, p, COST)
