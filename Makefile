@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # torchsort builds a CUDA extension whenever nvcc is on PATH; build it CPU-only.
 NO_NVCC_PATH := $(shell nv=$$(command -v nvcc 2>/dev/null); if [ -n "$$nv" ]; then echo "$$PATH" | tr ':' '\n' | grep -vxF "$$(dirname $$nv)" | paste -sd: -; else echo "$$PATH"; fi)
 
-.PHONY: test test-fast lint format install bench clean
+.PHONY: test test-fast lint format install bench clean demo
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,5 +36,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+bench: $(STAMP)
+	$(PY) benchmarks/bench_kernels.py --out benchmarks/results/kernels.csv
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+
+demo: $(STAMP)
+	$(PY) -m otloss.demo

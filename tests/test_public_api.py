@@ -35,3 +35,17 @@ def test_import_needs_only_torch_and_numpy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"import otloss pulled in optional packages: {out}"
+
+
+def test_readme_example_runs_as_written():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks, "README has no python example"
+    ns: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), ns)
+    assert ns["loss"].ndim == 0 and ns["u"].grad is not None
+    assert ns["w1"].shape == (8,)
+    assert 0.0 <= float(ns["area"]) <= 1.0

@@ -1,0 +1,3 @@
+from otloss.demo.cli import main
+
+raise SystemExit(main())
