@@ -102,6 +102,25 @@ def check_weights(w: object, values: Tensor, name: str, values_name: str, valida
     return w
 
 
+def check_pair(
+    u: object, v: object, u_weights: object, v_weights: object, validate: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """All checks of two weighted samples ``u [..., n]``, ``v [..., m]``; returns the broadcast weights."""
+    check_values_tensor(u, "u")
+    check_values_tensor(v, "v")
+    check_same_dtype_device(u, v, "u", "v")
+    if u.shape[:-1] != v.shape[:-1]:
+        raise ValueError(
+            f"u and v must have the same leading (batch) dimensions, got {tuple(u.shape)} and {tuple(v.shape)}"
+        )
+    a = check_weights(u_weights, u, "u_weights", "u", validate)
+    b = check_weights(v_weights, v, "v_weights", "v", validate)
+    if validate:
+        check_finite(u, "u")
+        check_finite(v, "v")
+    return a, b
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating dtype is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -14,14 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from otloss._validation import (
-    check_finite,
-    check_same_dtype_device,
-    check_values_tensor,
-    check_weights,
-    compute_dtype,
-    resolve_validate,
-)
+from otloss._validation import check_pair, compute_dtype, resolve_validate
 
 __all__ = ["Coupling", "quantile_coupling"]
 
@@ -102,19 +95,7 @@ def quantile_coupling(
         ``mass`` is differentiable in the weights; the plan's cost
         ``(mass * h(u[u_index] - v[v_index])).sum(-1)`` is differentiable in ``u`` and ``v``.
     """
-    validate = resolve_validate(validate_args)
-    check_values_tensor(u, "u")
-    check_values_tensor(v, "v")
-    check_same_dtype_device(u, v, "u", "v")
-    if u.shape[:-1] != v.shape[:-1]:
-        raise ValueError(
-            f"u and v must have the same leading (batch) dimensions, got {tuple(u.shape)} and {tuple(v.shape)}"
-        )
-    a = check_weights(u_weights, u, "u_weights", "u", validate)
-    b = check_weights(v_weights, v, "v_weights", "v", validate)
-    if validate:
-        check_finite(u, "u")
-        check_finite(v, "v")
+    a, b = check_pair(u, v, u_weights, v_weights, resolve_validate(validate_args))
     cdt = compute_dtype(u.dtype)
     _, pu = torch.sort(u.detach(), dim=-1, stable=True)
     _, pv = torch.sort(v.detach(), dim=-1, stable=True)

@@ -14,9 +14,9 @@ from torch import Tensor
 
 from otloss._validation import (
     check_finite,
+    check_pair,
     check_same_dtype_device,
     check_values_tensor,
-    check_weights,
     compute_dtype,
     resolve_validate,
 )
@@ -156,24 +156,12 @@ def ot_h_1d(
         u, v, u_weights, v_weights = prepare_global_batch(
             u, v, u_weights, v_weights, global_batch=global_batch, group=group, memory=memory
         )
-    validate = resolve_validate(validate_args)
-    check_values_tensor(u, "u")
-    check_values_tensor(v, "v")
-    check_same_dtype_device(u, v, "u", "v")
-    if u.shape[:-1] != v.shape[:-1]:
-        raise ValueError(
-            f"u and v must have the same leading (batch) dimensions, got {tuple(u.shape)} and {tuple(v.shape)}"
-        )
+    a, b = check_pair(u, v, u_weights, v_weights, resolve_validate(validate_args))
     cost = get_cost(cost)
     sorter = _resolve_sort(sort)
     _check_reduction(reduction)
-    a = check_weights(u_weights, u, "u_weights", "u", validate)
-    b = check_weights(v_weights, v, "v_weights", "v", validate)
     if sorter is not None and (a is not None or b is not None):
         raise ValueError("soft sort needs uniform weights: pass u_weights=None and v_weights=None, or sort='hard'")
-    if validate:
-        check_finite(u, "u")
-        check_finite(v, "v")
     use_triton = _use_triton(backend, u, v, cost, a is not None or b is not None, sorter is not None)
     cdt = compute_dtype(u.dtype)
     with torch.set_grad_enabled(torch.is_grad_enabled() and cost.differentiable):
