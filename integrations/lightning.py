@@ -227,7 +227,7 @@ class AOTAlignmentModule(pl.LightningModule):
             ref_model.requires_grad_(False)
             ref_model.eval()
         # Built once: validates cost / beta / label_smoothing / sort / backend now.
-        self.loss_fn = AOTLoss(
+        loss_options = dict(
             paired=paired,
             cost=cost,
             beta=beta,
@@ -236,21 +236,9 @@ class AOTAlignmentModule(pl.LightningModule):
             validate_args=validate_args,
             backend=backend,
         )
+        self.loss_fn = AOTLoss(**loss_options)
         # With global_batch, a second module sorts across ranks; the first serves a single process.
-        self.global_loss_fn = (
-            AOTLoss(
-                paired=paired,
-                cost=cost,
-                beta=beta,
-                label_smoothing=label_smoothing,
-                sort=sort,
-                validate_args=validate_args,
-                global_batch=True,
-                backend=backend,
-            )
-            if global_batch
-            else None
-        )
+        self.global_loss_fn = AOTLoss(**loss_options, global_batch=True) if global_batch else None
         self.paired = paired
         self.backend = backend
         self.global_batch = global_batch

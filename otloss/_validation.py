@@ -76,23 +76,32 @@ def check_finite(x: Tensor, name: str) -> None:
         )
 
 
-def check_weights(w: object, values: Tensor, name: str, values_name: str, validate: bool) -> Tensor | None:
-    """Check a weight tensor against its values and broadcast it to their shape."""
+def broadcast_weights(
+    w: object, values: Tensor, name: str, values_name: str, *, same_device: bool = True
+) -> Tensor | None:
+    """Metadata checks of a weight tensor (type, dtype, device) and its broadcast to the values' shape."""
     if w is None:
         return None
     if not isinstance(w, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(w).__name__}")
     if not w.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype, got {w.dtype}")
-    if w.device != values.device:
+    if same_device and w.device != values.device:
         raise ValueError(f"{name} must be on the same device as {values_name}, got {w.device} and {values.device}")
     try:
-        w = w.expand(values.shape)
+        return w.expand(values.shape)
     except RuntimeError:
         raise ValueError(
             f"{name} must have the shape of {values_name} {tuple(values.shape)} or broadcast to it, "
             f"got {tuple(w.shape)}"
         ) from None
+
+
+def check_weights(w: object, values: Tensor, name: str, values_name: str, validate: bool) -> Tensor | None:
+    """Check a weight tensor against its values and broadcast it to their shape."""
+    w = broadcast_weights(w, values, name, values_name)
+    if w is None:
+        return None
     if validate:
         check_finite(w, name)
         if bool((w < 0).any()):

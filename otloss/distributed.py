@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from otloss._validation import broadcast_weights
+
 __all__ = ["QuantileMemory", "all_gather_variable"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -231,19 +233,7 @@ def _check_scale(value: object, name: str) -> float:
 
 
 def _local_weights(w: object, values: Tensor, name: str, values_name: str) -> Tensor | None:
-    if w is None:
-        return None
-    if not isinstance(w, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(w).__name__}")
-    if not w.is_floating_point():
-        raise TypeError(f"{name} must have a floating-point dtype, got {w.dtype}")
-    try:
-        return w.expand(values.shape)
-    except RuntimeError:
-        raise ValueError(
-            f"{name} must have the shape of {values_name} {tuple(values.shape)} or broadcast to it, "
-            f"got {tuple(w.shape)}"
-        ) from None
+    return broadcast_weights(w, values, name, values_name, same_device=False)
 
 
 class QuantileMemory:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -88,3 +91,17 @@ def _has(module: str) -> bool:
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 requires_torchsort = pytest.mark.skipif(not _has("torchsort"), reason="needs torchsort (pip install otloss[soft])")
 requires_pot = pytest.mark.skipif(not _has("ot"), reason="needs POT (pip install otloss[pot])")
+
+
+def spawn_world(worker, world: int, outdir: Path) -> list[dict]:
+    """Run ``worker(rank, world, port, outdir)`` in ``world`` gloo processes; load each rank's ``rank<r>.pt``."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with the gloo backend")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(world, port, str(outdir)), nprocs=world, join=True)
+    return [torch.load(Path(outdir) / f"rank{r}.pt", weights_only=False) for r in range(world)]

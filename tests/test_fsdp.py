@@ -16,14 +16,13 @@ sharded run follows the single-process trajectory.
 
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import spawn_world
 
 import otloss
 
@@ -195,19 +194,9 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("needs torch.distributed with the gloo backend")
-    outdir = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(outdir)), nprocs=WORLD, join=True)
-    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_world(_worker, WORLD, tmp_path_factory.mktemp("fsdp"))
 
 
 @pytest.fixture(scope="module")
