@@ -112,9 +112,12 @@ def check_weights(w: object, values: Tensor, name: str, values_name: str, valida
 
 
 def check_pair(
-    u: object, v: object, u_weights: object, v_weights: object, validate: bool
+    u: object, v: object, u_weights: object, v_weights: object, validate: bool, *, values: bool = True
 ) -> tuple[Tensor | None, Tensor | None]:
-    """All checks of two weighted samples ``u [..., n]``, ``v [..., m]``; returns the broadcast weights."""
+    """All checks of two weighted samples ``u [..., n]``, ``v [..., m]``; returns the broadcast weights.
+
+    ``values=False`` leaves the NaN/Inf scan of ``u`` and ``v`` to the caller.
+    """
     check_values_tensor(u, "u")
     check_values_tensor(v, "v")
     check_same_dtype_device(u, v, "u", "v")
@@ -124,7 +127,7 @@ def check_pair(
         )
     a = check_weights(u_weights, u, "u_weights", "u", validate)
     b = check_weights(v_weights, v, "v_weights", "v", validate)
-    if validate:
+    if validate and values:
         check_finite(u, "u")
         check_finite(v, "v")
     return a, b

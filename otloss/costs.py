@@ -54,7 +54,9 @@ class Cost:
     Args:
         h: elementwise function of a tensor ``z``. Must be convex for the quantile
             coupling to be optimal (Santambrogio 2015, Thm 2.9); this is not checked.
-        dh: its derivative; ``None`` derives it with autograd.
+        dh: its derivative; ``None`` derives it with autograd. When given, the
+            reference path computes the gradient in the forward pass from ``dh``
+            (one autograd node per call), so ``dh`` must be the derivative of ``h``.
         name: the family (``"logistic"``, ``"hinge"``, ... or ``"custom"``); kernels
             specialise on it.
         params: the family's parameters, e.g. ``{"beta": 0.01}``.
@@ -62,6 +64,8 @@ class Cost:
             :func:`otloss.ot_h_1d` then returns a value without gradient.
         even: ``h(z) == h(-z)``, so ``OT_h`` is symmetric in ``u, v``.
         degree: ``p`` when ``h(c z) == c**p h(z)`` for ``c > 0``, else ``None``.
+        value_and_grad: optional ``(z, scale) -> (h(z), scale * h'(z))`` sharing work
+            between the two; ``None`` calls ``h`` and ``dh``.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class Cost:
         differentiable: bool = True,
         even: bool = False,
         degree: float | None = None,
+        value_and_grad: Callable[[Tensor, float], tuple[Tensor, Tensor]] | None = None,
     ) -> None:
         if not callable(h):
             raise TypeError(f"h must be callable, got {type(h).__name__}")
@@ -86,6 +91,9 @@ class Cost:
         self.differentiable = differentiable
         self.even = even
         self.degree = degree
+        if value_and_grad is not None and (dh is None or not callable(value_and_grad)):
+            raise TypeError("value_and_grad must be callable and comes with dh")
+        self._value_and_grad = value_and_grad
 
     def __call__(self, z: Tensor) -> Tensor:
         return self.h(z)
@@ -100,6 +108,12 @@ class Cost:
             zz = z.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(self.h(zz).sum(), zz)
         return g
+
+    def value_and_grad(self, z: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+        """``(h(z), scale * h'(z))`` elementwise, sharing the work where the family allows."""
+        if self._value_and_grad is not None:
+            return self._value_and_grad(z, scale)
+        return self.h(z), self.grad(z) * scale
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
@@ -155,7 +169,15 @@ def logistic(beta: float = 1.0, label_smoothing: float = 0.0) -> Cost:
     def dh(z: Tensor) -> Tensor:
         return beta * (eps * torch.sigmoid(beta * z) - (1 - eps) * torch.sigmoid(-beta * z))
 
-    return Cost(h, dh, name="logistic", params={"beta": beta, "label_smoothing": eps}, even=False)
+    def value_and_grad(z: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        if eps:
+            return h(z), dh(z) * scale
+        bz = beta * z
+        return -F.logsigmoid(bz), torch.sigmoid(-bz).mul_(-beta * scale)
+
+    return Cost(
+        h, dh, name="logistic", params={"beta": beta, "label_smoothing": eps}, even=False, value_and_grad=value_and_grad
+    )
 
 
 def hinge(beta: float = 0.0) -> Cost:
@@ -171,7 +193,13 @@ def hinge(beta: float = 0.0) -> Cost:
     def dh(z: Tensor) -> Tensor:
         return -(z < beta).to(z.dtype)
 
-    return Cost(h, dh, name="hinge", params={"beta": beta}, degree=1.0 if beta == 0 else None)
+    def value_and_grad(z: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        below = z < beta
+        return torch.relu(beta - z), below.to(z.dtype).mul_(-scale)
+
+    return Cost(
+        h, dh, name="hinge", params={"beta": beta}, degree=1.0 if beta == 0 else None, value_and_grad=value_and_grad
+    )
 
 
 def squared_hinge(beta: float = 0.0) -> Cost:
@@ -184,7 +212,18 @@ def squared_hinge(beta: float = 0.0) -> Cost:
     def dh(z: Tensor) -> Tensor:
         return -2 * torch.relu(beta - z)
 
-    return Cost(h, dh, name="squared_hinge", params={"beta": beta}, degree=2.0 if beta == 0 else None)
+    def value_and_grad(z: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        r = torch.relu(beta - z)
+        return r.square(), r.mul_(-2 * scale)
+
+    return Cost(
+        h,
+        dh,
+        name="squared_hinge",
+        params={"beta": beta},
+        degree=2.0 if beta == 0 else None,
+        value_and_grad=value_and_grad,
+    )
 
 
 def least_squares(beta: float = 0.0) -> Cost:
@@ -197,7 +236,19 @@ def least_squares(beta: float = 0.0) -> Cost:
     def dh(z: Tensor) -> Tensor:
         return 2 * (z - beta)
 
-    return Cost(h, dh, name="least_squares", params={"beta": beta}, even=beta == 0, degree=2.0 if beta == 0 else None)
+    def value_and_grad(z: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        d = z - beta
+        return d.square(), d.mul_(2 * scale)
+
+    return Cost(
+        h,
+        dh,
+        name="least_squares",
+        params={"beta": beta},
+        even=beta == 0,
+        degree=2.0 if beta == 0 else None,
+        value_and_grad=value_and_grad,
+    )
 
 
 def zero_one() -> Cost:
@@ -228,7 +279,15 @@ def abs_pow(p: float = 1.0) -> Cost:
     def dh(z: Tensor) -> Tensor:
         return torch.sign(z) if p == 1 else p * z.abs().pow(p - 1) * torch.sign(z)
 
-    return Cost(h, dh, name="abs_pow", params={"p": p}, even=True, degree=p)
+    def value_and_grad(z: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        if p == 1:
+            return z.abs(), torch.sign(z).mul_(scale)
+        if p == 2:
+            return z.square(), z * (2 * scale)
+        a_pm1 = z.abs().pow(p - 1)
+        return a_pm1 * z.abs(), a_pm1.mul_(torch.sign(z)).mul_(p * scale)
+
+    return Cost(h, dh, name="abs_pow", params={"p": p}, even=True, degree=p, value_and_grad=value_and_grad)
 
 
 _FACTORIES: dict[str, Callable[..., Cost]] = {

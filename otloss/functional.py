@@ -6,12 +6,14 @@ inputs) and returns a result in the dtype of its first input.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from otloss._reference import SortedOT, check_sum, sort_with_index
 from otloss._validation import (
     check_finite,
     check_pair,
@@ -48,7 +50,7 @@ def _use_triton(backend: object, u: Tensor, v: Tensor, cost: Cost, weighted: boo
     """Pick the fused kernel or the reference by named checks (see ``otloss.ops.unsupported_reason``)."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "torch":
+    if backend == "torch" or (backend == "auto" and not u.is_cuda):
         return False
     from otloss.ops import unsupported_reason
 
@@ -60,7 +62,14 @@ def _use_triton(backend: object, u: Tensor, v: Tensor, cost: Cost, weighted: boo
     return reason is None and u.is_cuda
 
 
+def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)`` without the dispatch when it is already that dtype (the hot path of small batches)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _reduce(rows: Tensor, reduction: str) -> Tensor:
+    if rows.dim() == 0:  # one problem: every reduction is the identity
+        return rows
     if reduction == "mean":
         return rows.mean()
     if reduction == "sum":
@@ -73,20 +82,51 @@ def _check_reduction(reduction: object) -> None:
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
 
 
-def _ot_rows(u: Tensor, v: Tensor, cost: Cost, a: Tensor | None, b: Tensor | None, sorter: SoftSort | None) -> Tensor:
-    """``OT_h`` of every row; inputs already validated and in the compute dtype."""
+def _ot_rows(
+    u: Tensor,
+    v: Tensor,
+    cost: Cost,
+    a: Tensor | None,
+    b: Tensor | None,
+    sorter: SoftSort | None,
+    check_values: Callable[[], None] | None,
+) -> Tensor:
+    """``OT_h`` of every row; inputs already checked (but for their values) and in the compute dtype.
+
+    ``check_values`` scans the caller's named inputs for NaN/Inf and raises; on the hard-sort,
+    equal-size path it runs only when the sum of the sorted differences is not finite (any
+    non-finite input makes it so), saving a pass over the inputs.
+    """
     n, m = u.shape[-1], v.shape[-1]
-    if sorter is None:
-        us, pu = torch.sort(u, dim=-1, stable=True)
-        vs, pv = torch.sort(v, dim=-1, stable=True)
-    else:
+    uniform = a is None and b is None and n == m
+    if sorter is None and uniform:
+        if cost.dh is not None and torch.is_grad_enabled() and (u.requires_grad or v.requires_grad):
+            return SortedOT.apply(u, v, cost, check_values)  # one autograd node; h' computed in the forward
+        z = sort_with_index(u)[0] - sort_with_index(v)[0]
+        check_sum(z, check_values)
+        return cost(z).mean(dim=-1)
+    if check_values is not None:
+        check_values()
+    if sorter is not None:  # soft sort: uniform weights
         us, vs = sorter(u), sorter(v)
-    if a is None and b is None and n == m:
-        return cost(us - vs).mean(dim=-1)
-    a = torch.ones_like(u) if a is None else a.to(u.dtype).gather(-1, pu)
-    b = torch.ones_like(v) if b is None else b.to(v.dtype).gather(-1, pv)
+        if uniform:
+            return cost(us - vs).mean(dim=-1)
+        a, b = torch.ones_like(u), torch.ones_like(v)
+    else:
+        us, pu = sort_with_index(u)
+        vs, pv = sort_with_index(v)
+        a = torch.ones_like(u) if a is None else a.to(u.dtype).gather(-1, pu)
+        b = torch.ones_like(v) if b is None else b.to(v.dtype).gather(-1, pv)
     iu, iv, mass = merge_sorted_weights(a, b)
     return (mass * cost(us.gather(-1, iu) - vs.gather(-1, iv))).sum(dim=-1)
+
+
+def _finite_check(*named: tuple[Tensor, str]) -> Callable[[], None]:
+    def check() -> None:
+        for t, name in named:
+            check_finite(t, name)
+
+    return check
 
 
 def ot_h_1d(
@@ -156,23 +196,43 @@ def ot_h_1d(
         u, v, u_weights, v_weights = prepare_global_batch(
             u, v, u_weights, v_weights, global_batch=global_batch, group=group, memory=memory
         )
-    a, b = check_pair(u, v, u_weights, v_weights, resolve_validate(validate_args))
+    validate = resolve_validate(validate_args)
+    a, b = check_pair(u, v, u_weights, v_weights, validate, values=False)
     cost = get_cost(cost)
     sorter = _resolve_sort(sort)
     _check_reduction(reduction)
     if sorter is not None and (a is not None or b is not None):
         raise ValueError("soft sort needs uniform weights: pass u_weights=None and v_weights=None, or sort='hard'")
-    use_triton = _use_triton(backend, u, v, cost, a is not None or b is not None, sorter is not None)
-    cdt = compute_dtype(u.dtype)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and cost.differentiable):
-        if use_triton:
-            from otloss.ops import ot_rows_triton
+    check_values = _finite_check((u, "u"), (v, "v")) if validate else None
+    return _ot_h_1d_checked(u, v, cost, a, b, sorter, reduction, backend, check_values)
 
-            rows = ot_rows_triton(u, v, cost)
-        else:
-            rows = _ot_rows(u.to(cdt), v.to(cdt), cost, a, b, sorter)
-        out = _reduce(rows, reduction)
-    return out.to(u.dtype)
+
+def _ot_h_1d_checked(
+    u: Tensor,
+    v: Tensor,
+    cost: Cost,
+    a: Tensor | None,
+    b: Tensor | None,
+    sorter: SoftSort | None,
+    reduction: str,
+    backend: str,
+    check_values: Callable[[], None] | None,
+) -> Tensor:
+    """``ot_h_1d`` after its argument checks: value check, dispatch, compute dtype, reduction."""
+    use_triton = _use_triton(backend, u, v, cost, a is not None or b is not None, sorter is not None)
+    if not cost.differentiable and torch.is_grad_enabled():
+        with torch.no_grad():
+            return _ot_h_1d_checked(u, v, cost, a, b, sorter, reduction, backend, check_values)
+    if use_triton:
+        if check_values is not None:
+            check_values()
+        from otloss.ops import ot_rows_triton
+
+        rows = ot_rows_triton(u, v, cost)
+    else:
+        cdt = compute_dtype(u.dtype)
+        rows = _ot_rows(_cast(u, cdt), _cast(v, cdt), cost, a, b, sorter, check_values)
+    return _cast(_reduce(rows, reduction), u.dtype)
 
 
 _FSD_MEASURES: dict[str, Callable[[], Cost]] = {
@@ -235,7 +295,25 @@ def fsd_violation(
 _AOT_COSTS = ("logistic", "hinge", "squared_hinge", "least_squares")
 
 
+@functools.lru_cache(maxsize=64)
+def _named_aot_cost(cost: str, beta: float | None, label_smoothing: float) -> Cost:
+    if cost not in _AOT_COSTS:
+        raise ValueError(f"cost must be one of {list(_AOT_COSTS)}, a Cost or a callable for AOT, got {cost!r}")
+    beta = 0.01 if beta is None else beta
+    if cost == "logistic":
+        return logistic(beta, label_smoothing)
+    if label_smoothing != 0:
+        raise ValueError(f"label_smoothing applies to the logistic cost only, got {label_smoothing} with {cost!r}")
+    return get_cost(cost, beta=beta)
+
+
 def _aot_cost(cost: CostArg, beta: float | None, label_smoothing: float) -> Cost:
+    if isinstance(cost, str):
+        try:
+            return _named_aot_cost(cost, beta, label_smoothing)
+        except TypeError as e:  # an unhashable beta or label_smoothing: let the cost factory name it
+            if "unhashable" not in str(e):
+                raise
     if isinstance(cost, str):
         if cost not in _AOT_COSTS:
             raise ValueError(f"cost must be one of {list(_AOT_COSTS)}, a Cost or a callable for AOT, got {cost!r}")
@@ -346,25 +424,31 @@ def aot_loss(
             )
     h = _aot_cost(cost, beta, label_smoothing)
     validate = resolve_validate(validate_args)
-    if validate and global_batch is not True:
-        for t, name in zip(tensors, names):
-            check_finite(t, name)
     cdt = compute_dtype(pc.dtype)
-    pc, pr, rc, rr = (t.to(cdt) for t in tensors)
+    pc, pr, rc, rr = (_cast(t, cdt) for t in tensors)
     if paired:
         u, v = pc - pr, rc - rr
     else:
         u, v = pc - rc, pr - rr
-    out = ot_h_1d(
-        u,
-        v,
-        h,
-        sort=sort,
-        reduction=reduction,
-        validate_args=validate and global_batch is True,
-        global_batch=global_batch,
-        group=group,
-        memory=memory,
-        backend=backend,
-    )
-    return out.to(policy_chosen_logps.dtype)
+    if global_batch is not False or group is not None or memory is not None:
+        out = ot_h_1d(
+            u,
+            v,
+            h,
+            sort=sort,
+            reduction=reduction,
+            validate_args=validate and global_batch is True,
+            global_batch=global_batch,
+            group=group,
+            memory=memory,
+            backend=backend,
+        )
+    else:
+        # a non-finite input always gives a non-finite margin, so the check on the margins'
+        # sorted differences inside the loss finds it; it then names the input (finite
+        # inputs whose margins overflow are let through)
+        check_values = _finite_check(*zip(tensors, names)) if validate else None
+        sorter = _resolve_sort(sort)
+        _check_reduction(reduction)
+        out = _ot_h_1d_checked(u, v, h, None, None, sorter, reduction, backend, check_values)
+    return _cast(out, policy_chosen_logps.dtype)

@@ -82,15 +82,9 @@ def test_kernel_matches_reference_special_values(kind, cost):
     u, v = _inputs(kind, 2, 37, seed=1)
     (lt, gut, gvt), (lr, gur, gvr) = _both(u, v, cost, torch.ones(2, device=DEVICE))
     _close(lt, lr, float(lr.abs().max()) + 1)
-    if kind in ("random", "negative", "large"):  # distinct values: the gradient is unique
-        _close(gut, gur, 1.0)
-        _close(gvt, gvr, 1.0)
-    else:  # ties: gradients may go to either tied element; their per-value sums agree
-        for g_t, g_r, x in ((gut, gur, u), (gvt, gvr, v)):
-            for r in range(x.shape[0]):
-                for val in torch.unique(x[r]):
-                    sel = x[r] == val
-                    torch.testing.assert_close(g_t[r][sel].sum(), g_r[r][sel].sum(), rtol=1e-5, atol=1e-6)
+    # both break ties by index, with -0.0 tied to +0.0, so even tied elements get the same gradient
+    _close(gut, gur, 1.0)
+    _close(gvt, gvr, 1.0)
 
 
 @pytest.mark.parametrize("n", [1000, 4096])

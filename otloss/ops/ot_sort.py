@@ -39,11 +39,13 @@ PAD: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 def _sort_with_index(x, offs):
     """Sort float32 ``x`` ascending; returns (sorted values, original indices)."""
     bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed-int order == float order (-0.0 < +0.0)
+    # signed-int order == float order; negatives move up by one so -0.0 and +0.0 both map to 0
+    # (a tie, ordered by index: the convention of otloss's reference path and of a stable torch.sort)
+    key = tl.where(bits >= 0, bits, (bits ^ 0x7FFFFFFF) + 1)
     packed = tl.sort((key.to(tl.int64) << 32) | offs.to(tl.int64))
     idx = (packed & 0xFFFFFFFF).to(tl.int32)
     k = (packed >> 32).to(tl.int32)
-    vals = tl.where(k >= 0, k, k ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    vals = tl.where(k >= 0, k, (k - 1) ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)  # -0.0 comes back as +0.0
     return vals, idx
 
 

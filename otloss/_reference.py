@@ -1,0 +1,105 @@
+"""The PyTorch reference path for equal-size, uniform-weight, hard-sort rows.
+
+Two pieces, both used by :func:`otloss.ot_h_1d` on every device:
+
+* :func:`sort_with_index`: a stable ascending sort along the last dimension that
+  returns values and the permutation. Ties (``-0.0`` and ``+0.0`` included) keep
+  their index order, the same convention as the Triton kernels. For CPU float32
+  tensors of at least ``NUMPY_SORT_MIN`` elements it sorts packed integer keys
+  with NumPy (an order-preserving ``int32`` image of each value in the high half,
+  the index in the low half, so a plain sort of the keys is a stable argsort),
+  which is several times faster than a stable ``torch.sort`` there.
+* :class:`SortedOT`: ``mean_i h(u_(i) - v_(i))`` per row as one autograd node.
+  The forward evaluates ``h`` and ``h'`` of the sorted differences and scatters
+  ``h'/n`` back to each element's original position; the backward multiplies
+  these saved gradients by the upstream gradient, without the sort-backward
+  graph. The gradient is the one autograd gives with the permutation held fixed;
+  double backward (``create_graph=True``) recomputes that graph from the saved
+  inputs and permutations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from otloss.costs import Cost
+
+#: CPU float32 inputs with at least this many elements are sorted with NumPy keys
+NUMPY_SORT_MIN = 2048
+
+
+def float32_order_keys(bits: np.ndarray) -> np.ndarray:
+    """Map float32 bit patterns (as ``int32``) to ``int32`` keys with the same order.
+
+    Non-negative floats keep their bits; negative ones flip the magnitude bits and
+    move up by one, so ``-0.0`` and ``+0.0`` both map to ``0`` (a tie, as ``==`` says).
+    """
+    return np.where(bits < 0, (bits ^ np.int32(0x7FFFFFFF)) + np.int32(1), bits)
+
+
+def _numpy_sort_index(x: Tensor) -> Tensor:
+    """Stable argsort of a CPU float32 tensor along its last dimension, through packed int64 keys."""
+    n = x.shape[-1]
+    a = x.detach().contiguous().numpy()
+    keys = float32_order_keys(a.view(np.int32)).astype(np.int64)
+    keys <<= 32
+    keys |= np.arange(n, dtype=np.int64)
+    keys.sort(axis=-1)
+    keys &= 0xFFFFFFFF
+    return torch.from_numpy(keys)
+
+
+def sort_with_index(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Stable ascending sort along the last dimension; ``(values, indices)``, values differentiable."""
+    if x.numel() >= NUMPY_SORT_MIN and x.shape[-1] > 1 and x.dtype == torch.float32 and x.device.type == "cpu":
+        idx = _numpy_sort_index(x)
+        return x.gather(-1, idx), idx
+    return torch.sort(x, dim=-1, stable=True)
+
+
+def check_sum(z: Tensor, check_values: Callable[[], None] | None) -> None:
+    """Run ``check_values`` when ``z`` holds a NaN or Inf (its sum is then not finite)."""
+    if check_values is not None and not math.isfinite(float(z.detach().sum())):
+        check_values()
+
+
+class SortedOT(torch.autograd.Function):
+    """Per-row ``mean_i h(u_(i) - v_(i))`` for ``u, v [..., n]`` with ``cost.dh`` given.
+
+    ``check_values`` (or ``None``) is run when the sorted differences hold a NaN or Inf.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, v: Tensor, cost: Cost, check_values: Callable[[], None] | None) -> Tensor:
+        us, pu = sort_with_index(u)
+        vs, pv = sort_with_index(v)
+        z = us - vs
+        check_sum(z, check_values)
+        h, d = cost.value_and_grad(z, 1.0 / z.shape[-1])  # d = h'(z) / n
+        rows = h.mean(dim=-1)
+        gu = torch.empty_like(u).scatter_(-1, pu, d) if ctx.needs_input_grad[0] else None
+        gv = torch.empty_like(v).scatter_(-1, pv, -d) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(u, v, pu, pv, gu, gv)
+        ctx.cost = cost
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor):
+        u, v, pu, pv, gu, gv = ctx.saved_tensors
+        g = grad_rows.unsqueeze(-1)
+        if torch.is_grad_enabled():  # create_graph=True: rebuild the differentiable graph
+            rows = ctx.cost.h(u.gather(-1, pu) - v.gather(-1, pv)).mean(dim=-1)
+            wrt = [t for t, need in zip((u, v), ctx.needs_input_grad[:2]) if need]
+            grads = iter(torch.autograd.grad(rows, wrt, grad_rows, create_graph=True))
+            return (
+                (next(grads) if ctx.needs_input_grad[0] else None),
+                (next(grads) if ctx.needs_input_grad[1] else None),
+                None,
+                None,
+            )
+        return (gu * g if gu is not None else None), (gv * g if gv is not None else None), None, None

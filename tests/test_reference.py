@@ -1,0 +1,187 @@
+"""The reference path's fast pieces: the stable sort with index and the one-node ``SortedOT``.
+
+The oracle is the plain graph formula ``h(sort(u) - sort(v)).mean(-1)`` built from
+``torch.sort(stable=True)``, whose gradient autograd derives with the permutation
+held fixed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import otloss
+from otloss import _reference
+from otloss._reference import NUMPY_SORT_MIN, sort_with_index
+
+SPECIAL = [0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, 3e38, -3e38, float("inf"), float("-inf"), 2.5, -2.5]
+
+
+def graph_rows(u, v, cost):
+    us = torch.sort(u, dim=-1, stable=True).values
+    vs = torch.sort(v, dim=-1, stable=True).values
+    return cost(us - vs).mean(dim=-1)
+
+
+@pytest.fixture
+def numpy_sort_everywhere(monkeypatch):
+    monkeypatch.setattr(_reference, "NUMPY_SORT_MIN", 1)
+
+
+@settings(deadline=None)
+@given(
+    st.lists(st.sampled_from(SPECIAL) | st.floats(-10, 10, width=32), min_size=1, max_size=60),
+    st.integers(1, 3),
+)
+def test_numpy_keys_sort_like_a_stable_torch_sort(values, rows):
+    # every value once per row, then shuffled differently per row: ties, -0.0/+0.0, +-inf, denormals
+    x = torch.tensor(values, dtype=torch.float32).repeat(rows, 1)
+    x = torch.stack([r[torch.randperm(r.numel(), generator=torch.Generator().manual_seed(i))] for i, r in enumerate(x)])
+    expected_values, expected_index = torch.sort(x, dim=-1, stable=True)
+    index = _reference._numpy_sort_index(x)
+    assert torch.equal(index, expected_index)  # ties (and -0.0 with +0.0) in index order
+    assert torch.equal(x.gather(-1, index), expected_values)
+
+
+def test_sort_with_index_picks_numpy_for_large_cpu_float32_only(monkeypatch):
+    calls = []
+    real = _reference._numpy_sort_index
+    monkeypatch.setattr(_reference, "_numpy_sort_index", lambda x: calls.append(x.shape) or real(x))
+    g = torch.Generator().manual_seed(0)
+    big = torch.randint(-50, 50, (2, NUMPY_SORT_MIN), generator=g).float()  # many ties
+    for x in (big, big.double(), big[:, :8], big.T.contiguous().T):
+        values, index = sort_with_index(x)
+        ref_values, ref_index = torch.sort(x, dim=-1, stable=True)
+        assert torch.equal(values, ref_values) and torch.equal(index, ref_index)
+    assert calls == [big.shape, big.shape]  # float32 with >= NUMPY_SORT_MIN elements, any strides
+
+
+def test_sort_with_index_values_carry_the_gradient(numpy_sort_everywhere):
+    x = torch.tensor([3.0, -1.0, 2.0], requires_grad=True)
+    values, index = sort_with_index(x)
+    (values * torch.tensor([1.0, 10.0, 100.0])).sum().backward()
+    assert index.tolist() == [1, 2, 0]
+    assert x.grad.tolist() == [100.0, 1.0, 10.0]
+
+
+COSTS = [otloss.logistic(0.7), otloss.logistic(0.3, 0.2), otloss.hinge(0.1), otloss.squared_hinge(0.2)]
+COSTS += [otloss.least_squares(0.1), otloss.abs_pow(1.0), otloss.abs_pow(1.5)]
+
+
+@pytest.mark.parametrize("cost", COSTS, ids=repr)
+@pytest.mark.parametrize("needs", ["u", "v", "both"])
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, NUMPY_SORT_MIN + 3)])
+def test_sorted_ot_matches_the_graph_formula(cost, needs, shape):
+    g = torch.Generator().manual_seed(1)
+    u = torch.randint(-4, 5, shape, generator=g).float() * 0.5  # ties on both sides
+    v = torch.randn(shape, generator=g)
+    up = torch.randn(shape[:-1], generator=g)  # a per-row upstream gradient
+    out = {}
+    for name, fn in (("fast", lambda a, b: otloss.ot_h_1d(a, b, cost, reduction="none")), ("graph", graph_rows)):
+        a = u.clone().requires_grad_(needs in ("u", "both"))
+        b = v.clone().requires_grad_(needs in ("v", "both"))
+        rows = fn(a, b) if name == "fast" else fn(a, b, cost)
+        (rows * up).sum().backward()
+        out[name] = (rows.detach(), a.grad, b.grad)
+    torch.testing.assert_close(out["fast"][0], out["graph"][0])
+    for fast, graph in zip(out["fast"][1:], out["graph"][1:]):
+        if graph is None:
+            assert fast is None
+        else:
+            torch.testing.assert_close(fast, graph)
+
+
+def test_sorted_ot_is_one_autograd_node():
+    u, v = torch.randn(9, requires_grad=True), torch.randn(9)
+    loss = otloss.ot_h_1d(u, v, otloss.logistic(1.0))
+    assert type(loss.grad_fn).__name__ == "SortedOTBackward"
+    loss = otloss.ot_h_1d(u, v, lambda z: z.square())  # no dh: the autograd graph
+    assert type(loss.grad_fn).__name__ != "SortedOTBackward"
+
+
+@pytest.mark.parametrize("cost", [otloss.logistic(0.9, 0.1), otloss.least_squares(0.2), otloss.abs_pow(1.5)], ids=repr)
+def test_double_backward_matches_the_graph_formula(cost):
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradgradcheck(lambda a, b: otloss.ot_h_1d(a, b, cost, reduction="none"), (u, v))
+    hvp = {}
+    for name, fn in (
+        ("fast", lambda a, b: otloss.ot_h_1d(a, b, cost)),
+        ("graph", lambda a, b: graph_rows(a, b, cost).mean()),
+    ):
+        (gu,) = torch.autograd.grad(fn(u, v), u, create_graph=True)
+        hvp[name] = torch.autograd.grad((gu * torch.arange(12.0, dtype=torch.float64).view(2, 6)).sum(), (u, v))
+    for a, b in zip(hvp["fast"], hvp["graph"]):
+        torch.testing.assert_close(a, b)
+
+
+def test_custom_cost_with_derivative_takes_the_fast_path():
+    def h(z):
+        return torch.cosh(z) - 1
+
+    cost = otloss.Cost(h, torch.sinh)
+    u = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    assert type(otloss.ot_h_1d(u, v, cost, reduction="none").grad_fn).__name__ == "SortedOTBackward"
+    torch.autograd.gradcheck(lambda a, b: otloss.ot_h_1d(a, b, cost, reduction="none"), (u, v))
+    # and the same gradient as autograd of h (no dh)
+    ga = torch.autograd.grad(otloss.ot_h_1d(u, v, cost), (u, v))
+    gb = torch.autograd.grad(otloss.ot_h_1d(u, v, h), (u, v))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b)
+
+
+def test_cost_value_and_grad():
+    z = torch.linspace(-30, 30, 101, dtype=torch.float64)
+    for cost in [*COSTS, otloss.Cost(torch.exp, torch.exp)]:
+        h, d = cost.value_and_grad(z, 0.25)
+        torch.testing.assert_close(h, cost(z))
+        torch.testing.assert_close(d, 0.25 * cost.grad(z))
+    with pytest.raises(TypeError, match="value_and_grad must be callable and comes with dh"):
+        otloss.Cost(torch.exp, None, value_and_grad=lambda z, s: (z, z))
+
+
+@pytest.mark.parametrize("n", [5, NUMPY_SORT_MIN])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("grad", [True, False])
+def test_each_non_finite_input_is_named(n, bad, grad):
+    # +inf in u gives z = +inf, where the logistic cost is 0: the check must not rely on the loss value
+    names = ["policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"]
+    for i, name in enumerate(names):
+        t = [torch.randn(n, requires_grad=grad and j < 2) for j in range(4)]
+        with torch.no_grad():
+            t[i][n // 2] = bad
+        with pytest.raises(ValueError, match=f"{name} contains non-finite"):
+            otloss.aot_loss(*t)
+        with pytest.raises(ValueError, match=f"{name} contains non-finite"):
+            otloss.aot_loss(*t, paired=False)
+    for name in ("u", "v"):
+        u, v = torch.randn(2, n, requires_grad=grad), torch.randn(2, n)
+        with torch.no_grad():
+            (u if name == "u" else v)[1, 0] = bad
+        with pytest.raises(ValueError, match=f"{name} contains non-finite"):
+            otloss.ot_h_1d(u, v, otloss.logistic(1.0))
+
+
+def test_finite_inputs_whose_margins_overflow_are_let_through():
+    big = torch.full((4,), 3e38)
+    out = otloss.aot_loss(big, -big, torch.zeros(4), torch.zeros(4), cost="least_squares")
+    assert math.isinf(out.item())  # (3e38 - -3e38) overflows float32: IEEE inf, no error
+    small = otloss.aot_loss(big, -big, torch.zeros(4), torch.zeros(4))  # logistic(+inf margin) = 0
+    assert small.item() == 0.0
+
+
+@pytest.mark.parametrize("n", [5, NUMPY_SORT_MIN])
+def test_nan_rows_give_nan_when_checks_are_off(n):
+    u, v = torch.randn(3, n, requires_grad=True), torch.randn(3, n)
+    with torch.no_grad():
+        u[1, 2] = float("nan")
+    rows = otloss.ot_h_1d(u, v, otloss.logistic(1.0), reduction="none", validate_args=False)
+    assert math.isnan(rows[1].item()) and rows[[0, 2]].isfinite().all()
+    rows.sum().backward()
+    assert u.grad[[0, 2]].isfinite().all()
