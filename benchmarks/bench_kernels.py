@@ -1,25 +1,43 @@
-"""Kernel microbenchmarks: otloss's fused Triton kernel vs the PyTorch reference path.
+"""Kernel microbenchmarks: otloss against the formulas people write by hand, side by side in one run.
 
-Two regimes, measured side by side in one run:
+Two regimes:
 
-* ``aot``: one row of a few dozen to a few thousand scalars (AOT's per-device batch),
-  where the eager formula is dominated by kernel launches;
-* ``sliced``: many rows at once (sliced Wasserstein, many 1-D problems), where it is
-  dominated by memory traffic.
+* ``aot``: paired AOT from four log-probability vectors of ``n`` values (the policy's
+  two require grad), the logistic cost with ``beta = 0.01``: one row of a few dozen to
+  a few thousand scalars, where the eager formula is bound by op launches.
+  Methods: ``otloss_triton`` (the fused kernel, CUDA only), ``otloss_torch`` (the
+  PyTorch reference path, ``backend="torch"``), ``trl_eager`` (TRL's formula:
+  ``torch.sort`` twice, ``logsigmoid``, ``mean``; the baseline) and ``trl_compile``
+  (the same formula under ``torch.compile``).
+* ``w2``: ``OT_h`` with ``h(z) = z^2`` (squared Wasserstein-2) of ``rows x n``
+  problems, ``u`` and ``v`` both requiring grad: one row, and many rows at once (sliced
+  Wasserstein), where the work is bound by memory traffic. Methods: ``otloss_triton``,
+  ``otloss_torch``, ``eager`` (sort twice, square the difference, mean; the baseline),
+  ``eager_compile`` and ``pot`` (``ot.wasserstein_1d`` with its torch backend, which
+  computes the same quantity).
 
-For each case it reports forward, backward and full (forward + backward) times as the
-median with the 20th and 80th percentiles (``triton.testing.do_bench``), the speed-up
-of the kernel over the reference measured in the same run, the achieved bandwidth of
-the kernel against the bytes it must move, and the launch floor (an empty kernel).
+Each method is timed in three passes: ``fwd`` (the forward with grad enabled, as in
+training), ``bwd`` (``torch.autograd.grad`` of a loss computed beforehand) and
+``full`` (forward then backward). Times are the median with the 20th and 80th
+percentiles: ``triton.testing.do_bench`` on a GPU, ``torch.utils.benchmark`` on the
+CPU (the spread there is that of its timing blocks). ``speedup`` is the baseline's
+median over the method's, in the same run.
 
-Bytes moved (``R`` rows of ``n`` elements, input element size ``s``):
-forward reads ``2 R n s`` and writes ``2 R n 4 + 4 R`` (saved float32 gradients and
-the row losses); backward reads ``2 R n 4 + 4 R`` and writes ``2 R n s``.
+Two references for the absolute numbers:
 
-Results are appended to a CSV with the device, commit, dtype and versions; plot them
-with ``python benchmarks/plot_kernels.py``. Needs a CUDA GPU::
+* ``floor_ms``: on a GPU the launch of an empty Triton kernel; on the CPU the dispatch
+  of one PyTorch op on a one-element tensor. A launch-bound method takes a small
+  multiple of it.
+* ``bytes`` and ``gbps``: the traffic any implementation must have (``fwd`` reads the
+  inputs, ``bwd`` writes the gradients of the inputs that require grad, ``full`` both)
+  and the rate that traffic reaches at the measured median.
 
-    python benchmarks/bench_kernels.py --out benchmarks/results/kernels.csv
+Rows are appended to a CSV with the run time, commit, device, dtype and versions::
+
+    python benchmarks/bench_kernels.py                  # CUDA when present, else CPU
+    python benchmarks/bench_kernels.py --device cpu --methods otloss_torch trl_eager trl_compile
+    python benchmarks/plot_kernels.py                   # PNG of the latest run
+    python benchmarks/summarize_kernels.py              # Markdown table of the latest run
 """
 
 from __future__ import annotations
@@ -28,109 +46,270 @@ import argparse
 import csv
 import datetime as dt
 import os
+import platform
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 import otloss
+from otloss.ops import triton_available
 
-REGIMES = {
-    "aot": [(1, n) for n in (35, 64, 256, 1024, 4096)],
-    "sliced": [(rows, n) for rows, n in ((1024, 64), (1024, 512), (256, 4096), (64, 16384))],
-}
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "kernels.csv"
+SIZES = (32, 35, 128, 280, 1024, 4096, 16384)
+BATCHED = ((64, 1024), (8192, 1024))
+QUICK_SIZES = (32, 280)
+QUICK_BATCHED = ((4, 64),)
+BETA = 0.01
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BASELINE = {"aot": "trl_eager", "w2": "eager"}
+METHODS = {
+    "aot": ("otloss_triton", "otloss_torch", "trl_eager", "trl_compile"),
+    "w2": ("otloss_triton", "otloss_torch", "eager", "eager_compile", "pot"),
+}
+COLUMNS = [
+    "time", "commit", "device", "torch", "triton", "pot", "regime", "dtype", "rows", "n", "method", "pass",
+    "ms_p50", "ms_p20", "ms_p80", "speedup", "bytes", "gbps", "floor_ms",
+]  # fmt: skip
+
+
+def trl_formula(pc, pr, rc, rr, beta=BETA, label_smoothing=0.0):
+    """TRL's paired ``aot`` loss as ``DPOTrainer`` writes it (both smoothing terms, then the mean)."""
+    logratios = pc - pr
+    ref_logratios = rc - rr
+    logratios_sorted, _ = torch.sort(logratios, dim=0)
+    ref_logratios_sorted, _ = torch.sort(ref_logratios, dim=0)
+    delta = logratios_sorted - ref_logratios_sorted
+    per_sequence_loss = (
+        -F.logsigmoid(beta * delta) * (1 - label_smoothing) - F.logsigmoid(-beta * delta) * label_smoothing
+    )
+    return per_sequence_loss.mean()
+
+
+def eager_w2(u, v):
+    us, _ = torch.sort(u, dim=-1)
+    vs, _ = torch.sort(v, dim=-1)
+    return (us - vs).square().mean()
+
+
+def pot_w2(u, v):
+    import ot
+
+    return ot.wasserstein_1d(u.T, v.T, p=2).mean()  # POT sorts along the first axis
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return ""
 
 
 def _commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True)
+    except OSError:
         return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def _bench(fn, quantiles=(0.5, 0.2, 0.8)):
-    from triton.testing import do_bench
-
-    return do_bench(fn, quantiles=list(quantiles), warmup=25, rep=200)
-
-
-def _launch_floor() -> float:
-    import triton
-
-    @triton.jit
-    def _empty(x):
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
         pass
-
-    x = torch.empty(1, device="cuda")
-    return _bench(lambda: _empty[(1,)](x))[0]
+    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
 
 
-def run_case(rows: int, n: int, dtype: torch.dtype, cost: otloss.Cost) -> dict[str, list[float]]:
-    g = torch.Generator(device="cuda").manual_seed(0)
-    u = torch.randn(rows, n, device="cuda", generator=g).to(dtype).requires_grad_(True)
-    v = torch.randn(rows, n, device="cuda", generator=g).to(dtype).requires_grad_(True)
-    out = {}
-    for backend in ("triton", "torch"):
+class Timer:
+    """Median and 20th/80th percentiles in milliseconds, the right way for the device."""
 
-        def fwd(backend=backend):
-            return otloss.ot_h_1d(u, v, cost, backend=backend, validate_args=False)
+    def __init__(self, device: str, min_run_time: float) -> None:
+        self.device = device
+        self.min_run_time = min_run_time
 
-        loss = fwd()
-        out[f"{backend}_fwd"] = _bench(fwd)
-        out[f"{backend}_bwd"] = _bench(lambda loss=loss: torch.autograd.grad(loss, (u, v), retain_graph=True))
-        out[f"{backend}_full"] = _bench(lambda fwd=fwd: torch.autograd.grad(fwd(), (u, v)))
-    return out
+    def __call__(self, fn: Callable[[], object]) -> tuple[float, float, float]:
+        if self.device == "cuda":
+            from triton.testing import do_bench
+
+            p50, p20, p80 = do_bench(
+                fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=max(50, int(self.min_run_time * 1e3))
+            )
+            return p50, p20, p80
+        from torch.utils.benchmark import Timer as TorchTimer
+
+        fn()  # warm-up (and first-call work such as compilation)
+        timer = TorchTimer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        times = np.asarray(timer.blocked_autorange(min_run_time=self.min_run_time).times) * 1e3
+        return float(np.median(times)), float(np.percentile(times, 20)), float(np.percentile(times, 80))
+
+    def floor(self) -> float:
+        if self.device == "cuda":
+            import triton
+
+            @triton.jit
+            def _empty(x):
+                pass
+
+            x = torch.empty(1, device="cuda")
+            return self(lambda: _empty[(1,)](x))[0]
+        x = torch.zeros(1)
+        return self(lambda: x.neg())[0]
+
+
+def _case(regime: str, method: str, rows: int, n: int, dtype: torch.dtype, device: str):
+    """``(loss_fn, inputs that require grad, bytes read, bytes of gradients)`` for one case."""
+    g = torch.Generator().manual_seed(0)
+    size = torch.finfo(dtype).bits // 8
+    if regime == "aot":
+        logps = [(torch.randn(n, generator=g) - 50.0).to(device=device, dtype=dtype) for _ in range(4)]
+        pc, pr = (t.requires_grad_(True) for t in logps[:2])
+        rc, rr = logps[2:]
+        if method.startswith("otloss"):
+            backend = method.removeprefix("otloss_")
+
+            def loss():
+                return otloss.aot_loss(pc, pr, rc, rr, beta=BETA, backend=backend)
+        else:
+            formula = torch.compile(trl_formula) if method == "trl_compile" else trl_formula
+
+            def loss():
+                return formula(pc, pr, rc, rr)
+
+        return loss, (pc, pr), 4 * n * size, 2 * n * size
+    u = torch.randn(rows, n, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    v = (torch.randn(rows, n, generator=g) + 0.5).to(device=device, dtype=dtype).requires_grad_(True)
+    cost = otloss.abs_pow(2.0)
+    if method.startswith("otloss"):
+        backend = method.removeprefix("otloss_")
+
+        def loss():
+            return otloss.ot_h_1d(u, v, cost, backend=backend)
+    else:
+        formula = {"eager": eager_w2, "eager_compile": torch.compile(eager_w2), "pot": pot_w2}[method]
+
+        def loss():
+            return formula(u, v)
+
+    return loss, (u, v), 2 * rows * n * size, 2 * rows * n * size
+
+
+def _available(method: str, device: str) -> str | None:
+    """Why ``method`` cannot run here, or ``None``."""
+    if method == "otloss_triton" and (device != "cuda" or not triton_available()):
+        return "the fused kernel needs a CUDA GPU and triton"
+    if method == "pot" and not _version("ot"):
+        return "POT is not installed (pip install 'otloss[pot]')"
+    return None
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible")
+    if device == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the Triton CPU interpreter is a test path, not one to time")
+    timer = Timer(device, args.min_run_time)
+    floor = timer.floor()
+    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    meta = {
+        "time": stamp, "commit": _commit(), "device": _device_name(device), "torch": torch.__version__,
+        "triton": _version("triton"), "pot": _version("ot"),
+    }  # fmt: skip
+    sizes = QUICK_SIZES if args.quick else SIZES
+    batched = QUICK_BATCHED if args.quick else BATCHED
+    cases = [("aot", 1, n) for n in sizes] + [("w2", 1, n) for n in sizes] + [("w2", r, n) for r, n in batched]
+    results = []
+    for dname in args.dtypes:
+        dtype = DTYPES[dname]
+        for regime, rows, n in cases:
+            if regime not in args.regimes:
+                continue
+            methods = [m for m in METHODS[regime] if m in args.methods]
+            if BASELINE[regime] not in methods:
+                methods.insert(0, BASELINE[regime])
+            timed = {}
+            for method in methods:
+                why = _available(method, device)
+                if why is not None:
+                    continue
+                loss_fn, inputs, read, written = _case(regime, method, rows, n, dtype, device)
+                loss = loss_fn()
+                passes = {
+                    "fwd": (loss_fn, read),
+                    "bwd": (lambda loss=loss, inputs=inputs: torch.autograd.grad(loss, inputs, retain_graph=True), written),
+                    "full": (lambda loss_fn=loss_fn, inputs=inputs: torch.autograd.grad(loss_fn(), inputs), read + written),
+                }  # fmt: skip
+                for p, (fn, nbytes) in passes.items():
+                    timed[(method, p)] = (timer(fn), nbytes)
+            for (method, p), ((p50, p20, p80), nbytes) in timed.items():
+                base = timed[(BASELINE[regime], p)][0][0]
+                row = {
+                    **meta, "regime": regime, "dtype": dname, "rows": rows, "n": n, "method": method, "pass": p,
+                    "ms_p50": p50, "ms_p20": p20, "ms_p80": p80, "speedup": base / p50, "bytes": nbytes,
+                    "gbps": nbytes / (p50 * 1e-3) / 1e9, "floor_ms": floor,
+                }  # fmt: skip
+                results.append(row)
+                if p == "full":
+                    print(
+                        f"{regime:3s} {dname:8s} {rows:5d}x{n:<6d} {method:14s} full {p50:9.4f} ms "
+                        f"[{p20:.4f}, {p80:.4f}]  x{base / p50:5.2f} vs {BASELINE[regime]}",
+                        flush=True,
+                    )
+    return results
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        for row in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results/kernels.csv", help="CSV file to append to")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
-    parser.add_argument("--regimes", nargs="+", default=sorted(REGIMES), choices=sorted(REGIMES))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="CSV file to append to")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=sorted(DTYPES))
+    parser.add_argument("--regimes", nargs="+", default=sorted(METHODS), choices=sorted(METHODS))
+    all_methods = sorted({m for ms in METHODS.values() for m in ms})
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=all_methods,
+        help="default: all on CUDA; on the CPU all but the torch.compile ones (the baselines always run)",
+    )
+    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
+    parser.add_argument("--quick", action="store_true", help="two small sizes and one tiny batch (a smoke run)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        print("bench_kernels.py needs a CUDA GPU (the Triton CPU interpreter is a test path, not a fast one)")
-        return 2
-    import triton
-
-    device = torch.cuda.get_device_name()
-    floor = _launch_floor()
-    cost = otloss.logistic(0.01)
-    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    new = not os.path.exists(args.out)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(
-                ["time", "commit", "device", "torch", "triton", "regime", "dtype", "rows", "n", "pass",
-                 "triton_ms_p50", "triton_ms_p20", "triton_ms_p80", "torch_ms_p50", "torch_ms_p20", "torch_ms_p80",
-                 "speedup", "bytes", "triton_gbps", "launch_floor_ms"]
-            )  # fmt: skip
-        for regime in args.regimes:
-            for dname in args.dtypes:
-                dtype = DTYPES[dname]
-                s = torch.finfo(dtype).bits // 8
-                for rows, n in REGIMES[regime]:
-                    res = run_case(rows, n, dtype, cost)
-                    nbytes = {
-                        "fwd": 2 * rows * n * s + 2 * rows * n * 4 + 4 * rows,
-                        "bwd": 2 * rows * n * 4 + 4 * rows + 2 * rows * n * s,
-                    }
-                    nbytes["full"] = nbytes["fwd"] + nbytes["bwd"]
-                    for p in ("fwd", "bwd", "full"):
-                        t, r = res[f"triton_{p}"], res[f"torch_{p}"]
-                        gbps = nbytes[p] / (t[0] * 1e-3) / 1e9
-                        row = [stamp, _commit(), device, torch.__version__, triton.__version__, regime, dname, rows, n,
-                               p, *t, *r, r[0] / t[0], nbytes[p], gbps, floor]  # fmt: skip
-                        w.writerow(row)
-                        print(
-                            f"{regime:6s} {dname:8s} {rows:5d}x{n:<6d} {p:4s} triton {t[0]:.4f} ms "
-                            f"[{t[1]:.4f}, {t[2]:.4f}]  torch {r[0]:.4f} ms  x{r[0] / t[0]:.2f}  {gbps:.1f} GB/s"
-                        )
-    print(f"launch floor {floor:.4f} ms; appended to {args.out}")
+    if args.methods is None:
+        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        args.methods = [m for m in all_methods if cuda or not m.endswith("compile")]
+    start = time.perf_counter()
+    rows = run(args)
+    write_csv(rows, args.out)
+    print(f"{len(rows)} rows appended to {args.out} in {time.perf_counter() - start:.0f} s")
     return 0
 
 
