@@ -18,7 +18,9 @@ Two regimes:
 
 Each method is timed in three passes: ``fwd`` (the forward with grad enabled, as in
 training), ``bwd`` (``torch.autograd.grad`` of a loss computed beforehand) and
-``full`` (forward then backward). Times are the median with the 20th and 80th
+``full`` (forward then backward); compiled methods run with
+``torch._functorch.config.donated_buffer = False`` so that their backward can be
+replayed. Times are the median with the 20th and 80th
 percentiles: ``triton.testing.do_bench`` on a GPU, ``torch.utils.benchmark`` on the
 CPU (the spread there is that of its timing blocks). ``speedup`` is the baseline's
 median over the method's, in the same run.
@@ -226,6 +228,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise SystemExit("--device cuda: no CUDA GPU is visible")
     if device == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the Triton CPU interpreter is a test path, not one to time")
+    if any(m.endswith("compile") for m in args.methods):
+        # timing the backward alone replays it with retain_graph=True, which donated buffers forbid
+        torch._functorch.config.donated_buffer = False
     timer = Timer(device, args.min_run_time)
     floor = timer.floor()
     stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
