@@ -37,7 +37,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_kernels.py --out benchmarks/results/kernels.csv
+	$(PY) benchmarks/bench_kernels.py
+	$(PY) benchmarks/plot_kernels.py
+	$(PY) benchmarks/summarize_kernels.py --readme README.md
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
