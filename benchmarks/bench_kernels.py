@@ -234,9 +234,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise SystemExit("unset TRITON_INTERPRET: the Triton CPU interpreter is a test path, not one to time")
     if any(m.endswith("compile") for m in args.methods):
         # timing the backward alone replays it with retain_graph=True, which donated buffers forbid
-        import torch._functorch.config
+        from torch._functorch import config as functorch_config
 
-        torch._functorch.config.donated_buffer = False
+        functorch_config.donated_buffer = False
     timer = Timer(device, args.min_run_time)
     floor = timer.floor()
     stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
