@@ -123,3 +123,21 @@ def test_readme_table_is_generated_from_the_committed_csv():
     assert summarize.replace_block(readme, block) == readme, (
         "run: python benchmarks/summarize_kernels.py --readme README.md"
     )
+
+
+@pytest.mark.requires_triton
+@pytest.mark.parametrize("regime", ["aot", "w2"])
+def test_kernel_cases_compute_what_the_reference_cases_compute(regime):
+    # the GPU run's kernel cases, built here on whatever device runs the kernels (CPU: the interpreter)
+    pytest.importorskip("triton")
+    bench = _load("bench_kernels")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = {}
+    for method in ("otloss_triton", "otloss_torch", bench.BASELINE[regime]):
+        loss_fn, inputs, _, _ = bench._case(regime, method, 3, 40, torch.float32, device)
+        loss = loss_fn()
+        results[method] = (loss.detach(), torch.autograd.grad(loss, inputs))
+    for method in ("otloss_triton", "otloss_torch"):
+        torch.testing.assert_close(results[method][0], results[bench.BASELINE[regime]][0], rtol=1e-5, atol=1e-6)
+        for a, b in zip(results[method][1], results[bench.BASELINE[regime]][1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
