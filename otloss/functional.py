@@ -310,19 +310,10 @@ def _named_aot_cost(cost: str, beta: float | None, label_smoothing: float) -> Co
 def _aot_cost(cost: CostArg, beta: float | None, label_smoothing: float) -> Cost:
     if isinstance(cost, str):
         try:
-            return _named_aot_cost(cost, beta, label_smoothing)
-        except TypeError as e:  # an unhashable beta or label_smoothing: let the cost factory name it
-            if "unhashable" not in str(e):
-                raise
-    if isinstance(cost, str):
-        if cost not in _AOT_COSTS:
-            raise ValueError(f"cost must be one of {list(_AOT_COSTS)}, a Cost or a callable for AOT, got {cost!r}")
-        beta = 0.01 if beta is None else beta
-        if cost == "logistic":
-            return logistic(beta, label_smoothing)
-        if label_smoothing != 0:
-            raise ValueError(f"label_smoothing applies to the logistic cost only, got {label_smoothing} with {cost!r}")
-        return get_cost(cost, beta=beta)
+            hash((beta, label_smoothing))
+        except TypeError:  # not a number: the uncached call lets the cost factory name the argument
+            return _named_aot_cost.__wrapped__(cost, beta, label_smoothing)
+        return _named_aot_cost(cost, beta, label_smoothing)
     if beta is not None or label_smoothing != 0:
         raise ValueError(
             "beta and label_smoothing configure a cost given by name; a Cost or callable carries its own "
@@ -431,6 +422,9 @@ def aot_loss(
     else:
         u, v = pc - rc, pr - rr
     if global_batch is not False or group is not None or memory is not None:
+        if validate and global_batch is not True:  # with global_batch, checked after the gather
+            for t, name in zip(tensors, names):
+                check_finite(t, name)
         out = ot_h_1d(
             u,
             v,

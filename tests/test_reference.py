@@ -185,3 +185,11 @@ def test_nan_rows_give_nan_when_checks_are_off(n):
     assert math.isnan(rows[1].item()) and rows[[0, 2]].isfinite().all()
     rows.sum().backward()
     assert u.grad[[0, 2]].isfinite().all()
+
+
+def test_values_are_checked_with_memory_and_without_global_batch():
+    t = torch.randn(6)
+    bad = t.clone()
+    bad[2] = float("inf")
+    with pytest.raises(ValueError, match="ref_rejected_logps contains non-finite"):
+        otloss.aot_loss(t, t, t, bad, memory=otloss.QuantileMemory())
