@@ -284,8 +284,8 @@ def abs_pow(p: float = 1.0) -> Cost:
             return z.abs(), torch.sign(z).mul_(scale)
         if p == 2:
             return z.square(), z * (2 * scale)
-        a_pm1 = z.abs().pow(p - 1)
-        return a_pm1 * z.abs(), a_pm1.mul_(torch.sign(z)).mul_(p * scale)
+        a = z.abs()
+        return a.pow(p), a.pow(p - 1).mul_(torch.sign(z)).mul_(p * scale)
 
     return Cost(h, dh, name="abs_pow", params={"p": p}, even=True, degree=p, value_and_grad=value_and_grad)
 
