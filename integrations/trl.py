@@ -357,6 +357,14 @@ class AOTTrainer(DPOTrainer):
         )
         if self._unpaired_data and not self._user_collator:
             self.data_collator = self._unpaired_collator()
+        world = _distributed_world()
+        if args.global_batch and world > 1 and self.accelerator.num_processes != world:
+            # the sort would gather the same, unsharded batches from every process
+            raise ValueError(
+                f"global_batch=True: torch.distributed has {world} processes but the Trainer runs "
+                f"{self.accelerator.num_processes}, so the processes do not share out the data. "
+                "On a CPU launch pass --use_cpu True (TrainingArguments.use_cpu) so that the Trainer joins the group."
+            )
 
     # ------------------------------------------------------------------ data
 

@@ -17,6 +17,7 @@ pytest.importorskip("peft")
 
 import torch
 from datasets import Dataset
+from otloss.integrations import trl as otloss_trl
 from otloss.integrations.trl import AOTConfig, AOTTrainer
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer
@@ -421,6 +422,17 @@ def test_global_batch_in_one_process_is_the_local_loss(
         losses.append(_loss_and_grads(trainer, _batch(trainer, 9))[0])
     assert losses[0].item() > 0
     torch.testing.assert_close(losses[1], losses[0])
+
+
+def test_global_batch_refuses_a_process_group_the_trainer_does_not_use(
+    tmp_path, monkeypatch, tiny_model_factory, tiny_tokenizer, tiny_unpaired_rows
+):
+    # e.g. two processes launched on CPU without --use_cpu: each Trainer runs alone on the whole dataset
+    monkeypatch.setattr(otloss_trl, "_distributed_world", lambda: 2)
+    kwargs = {"ref_model": tiny_model_factory(1), "tokenizer": tiny_tokenizer, "paired": False}
+    with pytest.raises(ValueError, match=r"torch\.distributed has 2 processes but the Trainer runs 1,.*--use_cpu True"):
+        _aot(tmp_path, tiny_model_factory(0), tiny_unpaired_rows, global_batch=True, **kwargs)
+    _aot(tmp_path, tiny_model_factory(0), tiny_unpaired_rows, global_batch=False, **kwargs)  # local loss: fine
 
 
 def test_defaults(tmp_path):
