@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from otloss.diagnostics import DEFAULT_QUANTILES, fsd_report
+from otloss.distributed import QuantileMemory
 from otloss.modules import AOTLoss
 from otloss.sorting import SoftSort
 
@@ -44,6 +45,7 @@ try:
     import trl
     from datasets import Dataset, IterableDataset
     from packaging.version import Version
+    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
     from trl.data_utils import _tokenize, common_prefix_length, is_conversational
     from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
@@ -123,6 +125,36 @@ def _build_sort(sort: object, strength: float) -> str | SoftSort:
     return "hard" if sort == "hard" else SoftSort(regularization_strength=strength)
 
 
+def _loss_module(args: AOTConfig, *, global_batch: bool = False, memory: QuantileMemory | None = None) -> AOTLoss:
+    """The AOT loss module the (checked) options describe."""
+    return AOTLoss(
+        paired=args.paired,
+        cost=args.cost,
+        beta=args.beta,
+        label_smoothing=args.label_smoothing,
+        sort=_build_sort(args.sort, args.soft_sort_strength),
+        backend=args.backend,
+        global_batch=global_batch,
+        memory=memory,
+    )
+
+
+class _ResetQuantileMemory(TrainerCallback):
+    """Empties the quantile memory when an optimizer step ends, and at the start of training and of each epoch."""
+
+    def __init__(self, memory: QuantileMemory) -> None:
+        self.memory = memory
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.memory.reset()
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.memory.reset()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.memory.reset()
+
+
 def _check_options(args: AOTConfig) -> AOTLoss:
     """Refuse options that AOT cannot honour; returns the loss module the options describe."""
     if args.use_weighting:
@@ -144,15 +176,7 @@ def _check_options(args: AOTConfig) -> AOTLoss:
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {args.backend!r}")
     if args.empty_class not in _EMPTY_CLASS:
         raise ValueError(f"empty_class must be 'skip' or 'carry_over', got {args.empty_class!r}")
-    sort = _build_sort(args.sort, args.soft_sort_strength)
-    return AOTLoss(
-        paired=args.paired,
-        cost=args.cost,
-        beta=args.beta,
-        label_smoothing=args.label_smoothing,
-        sort=sort,
-        backend=args.backend,
-    )
+    return _loss_module(args)
 
 
 @dataclass
@@ -186,6 +210,11 @@ class AOTConfig(DPOConfig):
             an undesirable example does: ``"skip"`` (zero loss and zero gradient) or
             ``"carry_over"`` (its examples join the next batch).
         log_fsd: log the FSD diagnostics ``fsd/*`` at every step.
+        accumulate_quantiles: with ``gradient_accumulation_steps > 1``, sort each
+            training micro-batch together with the earlier micro-batches of the same
+            optimizer step (:class:`otloss.QuantileMemory`, reset after every
+            optimizer step), so later micro-batches see the quantiles of a larger
+            batch. Evaluation never uses it.
     """
 
     beta: float = field(
@@ -215,6 +244,10 @@ class AOTConfig(DPOConfig):
         metadata={"help": "Unpaired batch without one class: 'skip' or 'carry_over' (to the next batch)."},
     )
     log_fsd: bool = field(default=True, metadata={"help": "Log FSD diagnostics (fsd/*)."})
+    accumulate_quantiles: bool = field(
+        default=False,
+        metadata={"help": "Sort each micro-batch with the earlier ones of its optimizer step (otloss.QuantileMemory)."},
+    )
 
     def __post_init__(self) -> None:
         self.paired, self.loss_type = _resolve_loss_type(self.loss_type, self.paired)
@@ -307,17 +340,15 @@ class AOTTrainer(DPOTrainer):
         # The config may have been edited after construction: check it again, before any model is loaded.
         args.paired, args.loss_type = _resolve_loss_type(args.loss_type, args.paired)
         self.aot_loss = _check_options(args)
-        self._global_aot_loss = None
-        if args.global_batch:
-            sort = _build_sort(args.sort, args.soft_sort_strength)
-            self._global_aot_loss = AOTLoss(
-                paired=args.paired,
-                cost=args.cost,
-                beta=args.beta,
-                label_smoothing=args.label_smoothing,
-                sort=sort,
-                global_batch=True,
-            )
+        self._global_aot_loss = _loss_module(args, global_batch=True) if args.global_batch else None
+        # training losses: the same, with the memory of this optimizer step's micro-batches
+        self._memory = QuantileMemory() if args.accumulate_quantiles else None
+        self._train_aot_loss = _loss_module(args, memory=self._memory) if self._memory is not None else self.aot_loss
+        self._train_global_aot_loss = self._global_aot_loss
+        if self._memory is not None and args.global_batch:
+            self._train_global_aot_loss = _loss_module(args, global_batch=True, memory=self._memory)
+        if self._memory is not None:
+            callbacks = [*(callbacks or []), _ResetQuantileMemory(self._memory)]
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
         self._unpaired_data = _is_unpaired_format(train_dataset)
@@ -465,12 +496,16 @@ class AOTTrainer(DPOTrainer):
         every rank (:mod:`otloss.distributed`: the value is the global loss on every
         rank, and after DDP's gradient averaging each parameter gets the gradient of
         the loss of the concatenated global batch). Every rank must then call it.
-        With one process it is the local loss. Override it to change how batches are
-        pooled.
+        With one process it is the local loss. In training with
+        ``accumulate_quantiles=True`` the sort also sees the earlier micro-batches of
+        the optimizer step. Override it to change how batches are pooled.
         """
+        train = self.model.training
         if self._global_aot_loss is not None and _distributed_world() > 1:
-            return self._global_aot_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-        return self.aot_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+            loss_fn = self._train_global_aot_loss if train else self._global_aot_loss
+        else:
+            loss_fn = self._train_aot_loss if train else self.aot_loss
+        return loss_fn(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
 
     def _merge_carry(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         if self._carry is None:

@@ -435,6 +435,62 @@ def test_global_batch_refuses_a_process_group_the_trainer_does_not_use(
     _aot(tmp_path, tiny_model_factory(0), tiny_unpaired_rows, global_batch=False, **kwargs)  # local loss: fine
 
 
+def test_accumulate_quantiles_sorts_with_the_earlier_micro_batches_of_the_step(
+    tmp_path, tiny_model_factory, tiny_tokenizer, tiny_preference_rows
+):
+    kwargs = {"ref_model": tiny_model_factory(1), "tokenizer": tiny_tokenizer, "paired": True}
+    plain = _aot(tmp_path, tiny_model_factory(0), tiny_preference_rows, **kwargs)
+    acc = _aot(tmp_path, tiny_model_factory(0), tiny_preference_rows, accumulate_quantiles=True, **kwargs)
+    first, second = range(0, 3), range(3, 7)
+    loss_a, _ = _loss_and_grads(acc, _batch(acc, rows=first))
+    loss_b, _ = _loss_and_grads(acc, _batch(acc, rows=second))
+    assert acc._memory.sizes == (7, 7)
+    torch.testing.assert_close(loss_a, _loss_and_grads(plain, _batch(plain, rows=first))[0])
+    # the second micro-batch is sorted with the first: its loss is that of the two together ...
+    both, _ = _loss_and_grads(plain, _batch(plain, rows=[*first, *second]))
+    torch.testing.assert_close(loss_b, both)
+    alone, _ = _loss_and_grads(plain, _batch(plain, rows=second))
+    assert not torch.allclose(loss_b, alone)
+    # ... until the optimizer step ends
+    reset = next(c for c in acc.callback_handler.callbacks if type(c).__name__ == "_ResetQuantileMemory")
+    reset.on_step_end(acc.args, acc.state, acc.control)
+    assert acc._memory.sizes == (0, 0)
+    torch.testing.assert_close(_loss_and_grads(acc, _batch(acc, rows=second))[0], alone)
+    # evaluation never uses the memory
+    acc.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(acc.compute_loss(acc.model, _batch(acc, rows=first)), loss_a)
+        torch.testing.assert_close(acc.compute_loss(acc.model, _batch(acc, rows=first)), loss_a)
+
+
+def test_accumulate_quantiles_trains_with_gradient_accumulation(
+    tmp_path, tiny_model_factory, tiny_tokenizer, tiny_preference_rows
+):
+    trainer = _aot(
+        tmp_path,
+        tiny_model_factory(0),
+        tiny_preference_rows,
+        ref_model=tiny_model_factory(1),
+        tokenizer=tiny_tokenizer,
+        accumulate_quantiles=True,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+    )
+    sizes = []
+    loss_fn = trainer._train_aot_loss
+
+    def spy(*args):
+        sizes.append(trainer._memory.sizes)
+        return loss_fn(*args)
+
+    trainer._train_aot_loss = spy
+    result = trainer.train()
+    assert result.global_step == 3 and math.isfinite(result.training_loss)
+    # two micro-batches of two pairs per optimizer step: the second sees the first, then the memory is reset
+    assert sizes == [(0, 0), (2, 2)] * 3
+
+
 def test_defaults(tmp_path):
     cpu = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False)
     args = AOTConfig(**cpu)
