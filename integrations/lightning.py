@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from otloss.diagnostics import DEFAULT_QUANTILES, fsd_report, quantile_function
+from otloss.distributed import QuantileMemory
 from otloss.functional import CostArg, SortArg
 from otloss.modules import AOTLoss
 
@@ -136,6 +137,10 @@ class AOTAlignmentModule(pl.LightningModule):
             nothing. Unpaired: a rank may then hold no sample of a class; a step is
             skipped on every rank only when the *global* batch lacks one.
             ``False``: each rank sorts its own batch.
+        accumulate_quantiles: with ``Trainer(accumulate_grad_batches > 1)``, sort
+            each training micro-batch together with the earlier micro-batches of the
+            same optimizer step (:class:`otloss.QuantileMemory`, reset after every
+            optimizer step and at the start of each epoch). Validation never uses it.
         logps_reduction: ``"sum"`` (sequence log-probability) or ``"mean"``
             (per completion token).
         optimizer: ``"adamw"`` (``torch.optim.AdamW``) or a callable taking the
@@ -172,6 +177,7 @@ class AOTAlignmentModule(pl.LightningModule):
         sort: SortArg = "hard",
         backend: Literal["auto", "torch"] = "auto",
         global_batch: bool = False,
+        accumulate_quantiles: bool = False,
         logps_reduction: Literal["sum", "mean"] = "sum",
         optimizer: Literal["adamw"] | Callable[[list[nn.Parameter]], torch.optim.Optimizer] = "adamw",
         lr: float = 1e-5,
@@ -191,6 +197,8 @@ class AOTAlignmentModule(pl.LightningModule):
             raise TypeError(f"paired must be a bool, got {type(paired).__name__}")
         _check_backend(backend)
         _check_global_batch(global_batch)
+        if not isinstance(accumulate_quantiles, bool):
+            raise TypeError(f"accumulate_quantiles must be a bool, got {type(accumulate_quantiles).__name__}")
         if logps_reduction not in ("sum", "mean"):
             raise ValueError(f"logps_reduction must be 'sum' or 'mean', got {logps_reduction!r}")
         if ref_model is not None:
@@ -239,6 +247,13 @@ class AOTAlignmentModule(pl.LightningModule):
         self.loss_fn = AOTLoss(**loss_options)
         # With global_batch, a second module sorts across ranks; the first serves a single process.
         self.global_loss_fn = AOTLoss(**loss_options, global_batch=True) if global_batch else None
+        # With accumulate_quantiles, training sorts with the earlier micro-batches of the optimizer step.
+        self._memory = QuantileMemory() if accumulate_quantiles else None
+        self._train_loss_fn, self._train_global_loss_fn = self.loss_fn, self.global_loss_fn
+        if self._memory is not None:
+            self._train_loss_fn = AOTLoss(**loss_options, memory=self._memory)
+            if global_batch:
+                self._train_global_loss_fn = AOTLoss(**loss_options, global_batch=True, memory=self._memory)
         self.paired = paired
         self.backend = backend
         self.global_batch = global_batch
@@ -262,6 +277,7 @@ class AOTAlignmentModule(pl.LightningModule):
                 "sort": sort if isinstance(sort, str) else repr(sort),
                 "backend": backend,
                 "global_batch": global_batch,
+                "accumulate_quantiles": accumulate_quantiles,
                 "logps_reduction": logps_reduction,
                 "optimizer": optimizer if isinstance(optimizer, str) else repr(optimizer),
                 "lr": float(lr),
@@ -444,7 +460,10 @@ class AOTAlignmentModule(pl.LightningModule):
         logps = self.compute_logps(batch)
         if not both:
             return None, logps
-        loss_fn = self.global_loss_fn if self._global() else self.loss_fn
+        if self.training and self._memory is not None:
+            loss_fn = self._train_global_loss_fn if self._global() else self._train_loss_fn
+        else:
+            loss_fn = self.global_loss_fn if self._global() else self.loss_fn
         loss = loss_fn(logps["policy_chosen"], logps["policy_rejected"], logps["ref_chosen"], logps["ref_rejected"])
         return loss, logps
 
@@ -492,6 +511,16 @@ class AOTAlignmentModule(pl.LightningModule):
         for key, value in self._stats(logps).items():
             self.log(f"train/{key}", value, batch_size=bs)
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        if self._memory is not None:
+            self._memory.reset()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's optimizer step; then forget the step's micro-batches (``accumulate_quantiles``)."""
+        super().optimizer_step(*args, **kwargs)
+        if self._memory is not None:
+            self._memory.reset()
 
     def on_validation_epoch_start(self) -> None:
         self._val_buffers = {}

@@ -101,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unpaired", action="store_true", help="unpaired AOT on {prompt, completion, label} data")
     p.add_argument("--no-lora", action="store_true", help="train all weights against a frozen copy")
     p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=int, default=None, help="default 2 * lora-r")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--lora-target-modules", default="all-linear")
     p.add_argument("--cost", default="logistic", choices=["logistic", "hinge", "squared_hinge", "least_squares"])
     p.add_argument("--beta", type=float, default=None, help="default 0.01 (the paper's value)")
@@ -113,7 +115,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-epochs", type=int, default=3)
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--devices", type=int, default=1)
-    p.add_argument("--strategy", default="auto")
+    p.add_argument(
+        "--strategy",
+        default="auto",
+        help="a Lightning strategy name (auto, ddp, fsdp, ...) or 'fsdp2': ModelParallelStrategy, every device data-parallel",
+    )
+    p.add_argument("--global-batch", action="store_true", help="sort the batches of all ranks together")
+    p.add_argument("--accumulate-grad-batches", type=int, default=1)
+    p.add_argument(
+        "--accumulate-quantiles",
+        action="store_true",
+        help="sort each micro-batch with the earlier ones of its optimizer step",
+    )
+    p.add_argument("--activation-checkpointing", action="store_true", help="the model's gradient checkpointing")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="aot_lightning_out")
@@ -153,11 +167,22 @@ def main(argv: list[str] | None = None) -> dict:
 
         targets = args.lora_target_modules
         targets = targets if targets == "all-linear" else targets.split(",")
-        config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=targets)
+        alpha = 2 * args.lora_r if args.lora_alpha is None else args.lora_alpha
+        config = LoraConfig(r=args.lora_r, lora_alpha=alpha, lora_dropout=args.lora_dropout, target_modules=targets)
         model = get_peft_model(model, config)
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     module = AOTAlignmentModule(
-        model, ref_model=ref_model, paired=paired, cost=args.cost, beta=args.beta, sort=args.sort, lr=args.lr
+        model,
+        ref_model=ref_model,
+        paired=paired,
+        cost=args.cost,
+        beta=args.beta,
+        sort=args.sort,
+        lr=args.lr,
+        global_batch=args.global_batch,
+        accumulate_quantiles=args.accumulate_quantiles,
     )
     data = AOTDataModule(
         tokenizer,
@@ -171,10 +196,16 @@ def main(argv: list[str] | None = None) -> dict:
     )
     out = Path(args.output_dir)
     plots = QuantilePlotCallback(out / "aot_quantiles")
+    strategy = args.strategy
+    if strategy == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
-        strategy=args.strategy,
+        strategy=strategy,
+        accumulate_grad_batches=args.accumulate_grad_batches,
         precision=args.precision,
         max_steps=args.max_steps,
         max_epochs=args.max_epochs,

@@ -11,6 +11,7 @@ import copy
 import importlib
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -277,6 +278,46 @@ def test_global_batch_in_one_process_is_the_local_loss(tok):
     assert module.global_loss_fn is not None and module.global_loss_fn.global_batch is True
     globl, _ = module.compute_loss(batch)  # no process group: the local loss
     assert torch.equal(local, globl)
+
+
+def test_accumulate_quantiles_sorts_with_the_earlier_micro_batches(tok):
+    policy = _lora(ex.tiny_model(0))
+    rows = ex.toy_data(7, paired=True, seed=5)
+    collate = PairedCollator(tok)
+    plain = AOTAlignmentModule(policy, beta=0.5).eval()
+    module = AOTAlignmentModule(policy, beta=0.5, accumulate_quantiles=True).eval()  # no dropout: same logps
+    module.training = True  # the memory is for training steps; eval() only so that the logps are deterministic
+    first, _ = module.compute_loss(collate(rows[:3]))
+    second, _ = module.compute_loss(collate(rows[3:]))
+    assert module._memory.sizes == (7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(first.detach(), plain.compute_loss(collate(rows[:3]))[0])
+        torch.testing.assert_close(second.detach(), plain.compute_loss(collate(rows))[0])  # sorted with the first
+        alone = plain.compute_loss(collate(rows[3:]))[0]
+    assert not torch.allclose(second.detach(), alone)
+    module.training = False  # validation never uses the memory
+    with torch.no_grad():
+        torch.testing.assert_close(module.compute_loss(collate(rows[3:]))[0], alone)
+    assert module._memory.sizes == (7, 7)
+
+
+def test_accumulate_quantiles_resets_after_each_optimizer_step(tmp_path, tok):
+    module = AOTAlignmentModule(_lora(ex.tiny_model(0)), beta=0.5, lr=1e-2, accumulate_quantiles=True)
+    sizes = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            sizes.append(module._memory.sizes)
+            return self.inner(*args)
+
+    module._train_loss_fn = Spy(module._train_loss_fn)
+    data = AOTDataModule(tok, ex.toy_data(16, paired=True, seed=0), batch_size=2)
+    _trainer(tmp_path, max_steps=3, accumulate_grad_batches=2).fit(module, datamodule=data)
+    assert sizes == [(0, 0), (2, 2)] * 3  # two micro-batches of two pairs per optimizer step
 
 
 def test_transformers_adapter_integration_reference(tok):
@@ -661,3 +702,18 @@ def test_two_process_cpu_training(tmp_path, tok, strategy, batch_mode):
         target = full_loss if batch_mode == "global" else half_losses[r]
         assert res["split_loss"] == pytest.approx(target, rel=1e-5, abs=1e-6)
     assert abs(full_loss - half_losses[0]) > 1e-4  # the two cases are distinguishable
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_example_script_recipe_flags_two_cpu_processes(tmp_path):
+    # the Lightning 7B recipe's flags on the tiny model: FSDP2 over two processes, global batch,
+    # gradient accumulation with the quantile memory, activation checkpointing
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(EXAMPLE), "--accelerator", "cpu", "--devices", "2", "--strategy", "fsdp2"]
+    cmd += ["--global-batch", "--accumulate-grad-batches", "2", "--accumulate-quantiles", "--activation-checkpointing"]
+    cmd += ["--batch-size", "4", "--max-steps", "2", "--lora-r", "4", "--lora-alpha", "8", "--output-dir", str(out)]
+    _run(cmd, cwd=tmp_path, timeout=300)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 2
+    assert math.isfinite(summary["metrics"]["train/loss"])
