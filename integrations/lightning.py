@@ -512,6 +512,14 @@ class AOTAlignmentModule(pl.LightningModule):
             self.log(f"train/{key}", value, batch_size=bs)
         return loss
 
+    def on_fit_start(self) -> None:
+        if self._memory is not None and getattr(self.trainer.strategy, "handles_gradient_accumulation", False):
+            # the strategy (e.g. DeepSpeed) steps inside every micro-batch: the memory would never fill
+            raise ValueError(
+                f"accumulate_quantiles=True needs Lightning to accumulate the gradients, but "
+                f"{type(self.trainer.strategy).__name__} accumulates them itself; pass accumulate_quantiles=False"
+            )
+
     def on_train_epoch_start(self) -> None:
         if self._memory is not None:
             self._memory.reset()

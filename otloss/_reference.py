@@ -15,7 +15,10 @@ Two pieces, both used by :func:`otloss.ot_h_1d` on every device:
   these saved gradients by the upstream gradient, without the sort-backward
   graph. The gradient is the one autograd gives with the permutation held fixed;
   double backward (``create_graph=True``) recomputes that graph from the saved
-  inputs and permutations.
+  inputs and permutations, so ``u`` and ``v`` must not be modified in place before
+  the backward pass. Under ``torch.func`` transforms :func:`otloss.ot_h_1d` builds
+  the plain graph instead (an autograd node without ``setup_context`` is not
+  transformable, and the NumPy sort cannot see functorch's wrapped tensors).
 """
 
 from __future__ import annotations
@@ -54,9 +57,21 @@ def _numpy_sort_index(x: Tensor) -> Tensor:
     return torch.from_numpy(keys)
 
 
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vjp, jacrev, vmap, ...) is running this call."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
+
+
 def sort_with_index(x: Tensor) -> tuple[Tensor, Tensor]:
     """Stable ascending sort along the last dimension; ``(values, indices)``, values differentiable."""
-    if x.numel() >= NUMPY_SORT_MIN and x.shape[-1] > 1 and x.dtype == torch.float32 and x.device.type == "cpu":
+    if (
+        x.numel() >= NUMPY_SORT_MIN
+        and x.shape[-1] > 1
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and not functorch_active()
+    ):
         idx = _numpy_sort_index(x)
         return x.gather(-1, idx), idx
     return torch.sort(x, dim=-1, stable=True)

@@ -110,8 +110,12 @@ class Cost:
         return g
 
     def value_and_grad(self, z: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
-        """``(h(z), scale * h'(z))`` elementwise, sharing the work where the family allows."""
-        if self._value_and_grad is not None:
+        """``(h(z), scale * h'(z))`` elementwise, sharing the work where the family allows.
+
+        The shared path works in place, so when ``z`` requires grad (and grad mode is
+        on) ``h`` and ``dh`` are called separately and both results stay differentiable.
+        """
+        if self._value_and_grad is not None and not (z.requires_grad and torch.is_grad_enabled()):
             return self._value_and_grad(z, scale)
         return self.h(z), self.grad(z) * scale
 

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from otloss._reference import SortedOT, check_sum, sort_with_index
+from otloss._reference import SortedOT, check_sum, functorch_active, sort_with_index
 from otloss._validation import (
     check_finite,
     check_pair,
@@ -100,6 +100,10 @@ def _ot_rows(
     n, m = u.shape[-1], v.shape[-1]
     uniform = a is None and b is None and n == m
     if sorter is None and uniform:
+        if functorch_active():  # torch.func.grad / jacrev / vmap: the plain graph, which they all support
+            z = torch.sort(u, dim=-1, stable=True)[0] - torch.sort(v, dim=-1, stable=True)[0]
+            check_sum(z, check_values)
+            return cost(z).mean(dim=-1)
         if cost.dh is not None and torch.is_grad_enabled() and (u.requires_grad or v.requires_grad):
             return SortedOT.apply(u, v, cost, check_values)  # one autograd node; h' computed in the forward
         z = sort_with_index(u)[0] - sort_with_index(v)[0]
@@ -166,7 +170,7 @@ def ot_h_1d(
             (a ``[...]`` tensor of per-row costs). A 1-D problem gives a scalar.
         validate_args: check for NaN/Inf values and bad weights (a host sync on GPU).
             ``None`` uses :func:`otloss.get_validate_args`. When off, a row holding NaN
-            gives NaN (``torch.sort`` puts NaN last) and no error is raised.
+            gives NaN and no error is raised.
         global_batch: all-gather ``u``, ``v`` (and weights) from every rank of
             ``group`` along the last dimension and compute the loss on the global
             batch; the local last dimension may differ across ranks and be 0. The
@@ -295,7 +299,7 @@ def fsd_violation(
 _AOT_COSTS = ("logistic", "hinge", "squared_hinge", "least_squares")
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64, typed=True)  # typed: True and 1.0 are different betas
 def _named_aot_cost(cost: str, beta: float | None, label_smoothing: float) -> Cost:
     if cost not in _AOT_COSTS:
         raise ValueError(f"cost must be one of {list(_AOT_COSTS)}, a Cost or a callable for AOT, got {cost!r}")

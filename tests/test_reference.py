@@ -193,3 +193,24 @@ def test_values_are_checked_with_memory_and_without_global_batch():
     bad[2] = float("inf")
     with pytest.raises(ValueError, match="ref_rejected_logps contains non-finite"):
         otloss.aot_loss(t, t, t, bad, memory=otloss.QuantileMemory())
+
+
+def test_function_transforms():
+    g = torch.Generator().manual_seed(4)
+    u = torch.randn(2, 9, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 9, generator=g, dtype=torch.float64)
+    cost = otloss.logistic(0.8)
+
+    def graph(a, b):
+        return graph_rows(a, b, cost).sum()
+
+    def fast(a, b):
+        return otloss.ot_h_1d(a, b, cost, reduction="sum")
+
+    for argnums in (0, 1, (0, 1)):
+        torch.testing.assert_close(
+            torch.func.grad(fast, argnums=argnums)(u, v), torch.func.grad(graph, argnums=argnums)(u, v)
+        )
+    rows_fast = torch.func.jacrev(lambda a: otloss.ot_h_1d(a, v, cost, reduction="none"))(u)
+    rows_graph = torch.func.jacrev(lambda a: graph_rows(a, v, cost))(u)
+    torch.testing.assert_close(rows_fast, rows_graph)

@@ -320,6 +320,17 @@ def test_accumulate_quantiles_resets_after_each_optimizer_step(tmp_path, tok):
     assert sizes == [(0, 0), (2, 2)] * 3  # two micro-batches of two pairs per optimizer step
 
 
+def test_accumulate_quantiles_refuses_a_strategy_that_accumulates_itself():
+    from types import SimpleNamespace
+
+    module = AOTAlignmentModule(_lora(ex.tiny_model(0)), accumulate_quantiles=True)
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(handles_gradient_accumulation=True))
+    with pytest.raises(ValueError, match="accumulate_quantiles=True needs Lightning to accumulate"):
+        module.on_fit_start()
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(handles_gradient_accumulation=False))
+    module.on_fit_start()
+
+
 def test_transformers_adapter_integration_reference(tok):
     model = ex.tiny_model(0).eval()
     frozen = copy.deepcopy(model)
