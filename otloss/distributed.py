@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from otloss._validation import broadcast_weights
+from otloss._validation import broadcast_weights, check_finite
 
 __all__ = ["QuantileMemory", "all_gather_variable"]
 
@@ -361,11 +361,14 @@ def prepare_global_batch(
     global_batch: bool,
     group: Any,
     memory: QuantileMemory | None,
+    validate: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Gather ``u``, ``v`` and their weights across ranks and/or prepend the memory.
 
     Used by :func:`otloss.ot_h_1d` before its own checks, which then apply to the
-    global (and remembered) batch. Local shares may be empty.
+    global (and remembered) batch. Local shares may be empty. With ``validate`` the
+    (gathered) values are checked for NaN/Inf before the memory stores them, so a
+    rejected micro-batch leaves the memory as it was.
     """
     if not isinstance(global_batch, bool):
         raise TypeError(f"global_batch must be a bool, got {type(global_batch).__name__}")
@@ -410,5 +413,8 @@ def prepare_global_batch(
         u_weights = _local_weights(u_weights, u, "u_weights", "u")
         v_weights = _local_weights(v_weights, v, "v_weights", "v")
     if memory is not None:
+        if validate:
+            check_finite(u, "u")
+            check_finite(v, "v")
         u, v, u_weights, v_weights = memory.extend(u, v, u_weights, v_weights)
     return u, v, u_weights, v_weights

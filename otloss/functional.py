@@ -196,11 +196,11 @@ def ot_h_1d(
         need, and may exceed the transport minimum. Values follow IEEE arithmetic
         in the compute dtype: a cost that overflows gives ``inf``.
     """
+    validate = resolve_validate(validate_args)
     if global_batch is not False or group is not None or memory is not None:
         u, v, u_weights, v_weights = prepare_global_batch(
-            u, v, u_weights, v_weights, global_batch=global_batch, group=group, memory=memory
+            u, v, u_weights, v_weights, global_batch=global_batch, group=group, memory=memory, validate=validate
         )
-    validate = resolve_validate(validate_args)
     a, b = check_pair(u, v, u_weights, v_weights, validate, values=False)
     cost = get_cost(cost)
     sorter = _resolve_sort(sort)

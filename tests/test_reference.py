@@ -214,3 +214,14 @@ def test_function_transforms():
     rows_fast = torch.func.jacrev(lambda a: otloss.ot_h_1d(a, v, cost, reduction="none"))(u)
     rows_graph = torch.func.jacrev(lambda a: graph_rows(a, v, cost))(u)
     torch.testing.assert_close(rows_fast, rows_graph)
+
+
+def test_a_rejected_micro_batch_leaves_the_memory_as_it_was():
+    memory = otloss.QuantileMemory()
+    otloss.ot_h_1d(torch.randn(4), torch.randn(4), otloss.logistic(1.0), memory=memory)
+    bad = torch.tensor([0.0, float("nan"), 1.0])
+    with pytest.raises(ValueError, match="u contains non-finite"):
+        otloss.ot_h_1d(bad, torch.randn(3), otloss.logistic(1.0), memory=memory)
+    assert memory.sizes == (4, 4)
+    otloss.ot_h_1d(torch.randn(2), torch.randn(2), otloss.logistic(1.0), memory=memory)  # the step goes on
+    assert memory.sizes == (6, 6)
