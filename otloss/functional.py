@@ -100,12 +100,11 @@ def _ot_rows(
     n, m = u.shape[-1], v.shape[-1]
     uniform = a is None and b is None and n == m
     if sorter is None and uniform:
-        if functorch_active():  # torch.func.grad / jacrev / vmap: the plain graph, which they all support
-            z = torch.sort(u, dim=-1, stable=True)[0] - torch.sort(v, dim=-1, stable=True)[0]
-            check_sum(z, check_values)
-            return cost(z).mean(dim=-1)
-        if cost.dh is not None and torch.is_grad_enabled() and (u.requires_grad or v.requires_grad):
-            return SortedOT.apply(u, v, cost, check_values)  # one autograd node; h' computed in the forward
+        # one autograd node with h' computed in the forward; under torch.func transforms (grad, jacrev,
+        # vmap) the plain graph below instead, which they all support (sort_with_index then uses torch.sort)
+        fast = cost.dh is not None and torch.is_grad_enabled() and (u.requires_grad or v.requires_grad)
+        if fast and not functorch_active():
+            return SortedOT.apply(u, v, cost, check_values)
         z = sort_with_index(u)[0] - sort_with_index(v)[0]
         check_sum(z, check_values)
         return cost(z).mean(dim=-1)
@@ -427,8 +426,7 @@ def aot_loss(
         u, v = pc - rc, pr - rr
     if global_batch is not False or group is not None or memory is not None:
         if validate and global_batch is not True:  # with global_batch, checked after the gather
-            for t, name in zip(tensors, names):
-                check_finite(t, name)
+            _finite_check(*zip(tensors, names))()
         out = ot_h_1d(
             u,
             v,
