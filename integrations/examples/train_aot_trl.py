@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer.save_metrics("train", metrics)
     if evaluate:
         trainer.save_metrics("eval", trainer.evaluate())
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # destroys the process group: no collective left running at exit
     return metrics
 
 
