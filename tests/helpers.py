@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import otloss
+from tolerances import tol
 
 
 def np_cost(cost: otloss.Cost, z: np.ndarray) -> np.ndarray:
@@ -73,11 +74,8 @@ def trl_aot_reference(pc, pr, rc, rr, beta, label_smoothing, paired):
     return losses.mean()
 
 
-# One tolerance table: (rtol, atol) for values computed in each dtype against a float64 oracle.
-TOL = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-5, 1e-5),
-}
+# (rtol, atol) for values computed in each dtype against a float64 oracle, from the one table in tolerances.py.
+TOL = {dtype: tuple(tol(dtype, "value").values()) for dtype in (torch.float64, torch.float32)}
 
 
 def _has(module: str) -> bool:
