@@ -35,8 +35,10 @@ def test_editable_install_maps_integrations_folder(tmp_path):
     assert info["top"] is False
 
 
-def test_wheel_contains_integrations_under_otloss(tmp_path):
-    wheel_dir = tmp_path / "wheel"
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """The wheel built from this checkout (once per module)."""
+    wheel_dir = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [
             sys.executable,
@@ -53,7 +55,19 @@ def test_wheel_contains_integrations_under_otloss(tmp_path):
         check=True,
         capture_output=True,
     )
-    (wheel,) = wheel_dir.glob("otloss-*.whl")
+    (path,) = wheel_dir.glob("*otloss-*.whl")  # otloss-... or torch_otloss-...
+    return path
+
+
+def test_wheel_does_not_ship_the_examples(wheel):
+    # the IMDB demo and the other examples run from a checkout (python -m examples.imdb), outside the wheel
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "otloss/__init__.py" in names
+    shipped = [n for n in names if n.startswith(("otloss/demo/", "examples/", "otloss/examples/"))]
+    assert not shipped, shipped
+
+
+def test_wheel_contains_integrations_under_otloss(wheel, tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for expected in (
         "otloss/__init__.py",
@@ -63,7 +77,6 @@ def test_wheel_contains_integrations_under_otloss(tmp_path):
         "otloss/integrations/trl.py",
         "otloss/integrations/lightning.py",
         "otloss/integrations/_hf.py",
-        "otloss/demo/__main__.py",
     ):
         assert expected in names, expected
     assert not any(n.startswith("integrations/") for n in names)

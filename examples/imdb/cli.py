@@ -1,13 +1,15 @@
-"""Command line of ``python -m otloss.demo``."""
+"""Command line of ``python -m examples.imdb`` (run from the repository root)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from otloss.demo.losses import LOSSES
+from .losses import METHODS
 
-METHOD_NAMES = list(LOSSES)
+__all__ = ["build_parser", "config_from_args", "main"]
+
+METHOD_NAMES = list(METHODS)
 SIZES = ("auto", "tiny", "small", "medium", "large")
 
 
@@ -45,7 +47,7 @@ def _methods(s: str) -> tuple[str, ...]:
     if s == "all":
         return tuple(METHOD_NAMES)
     names = tuple(m.strip() for m in s.split(",") if m.strip())
-    bad = [m for m in names if m not in LOSSES]
+    bad = [m for m in names if m not in METHODS]
     if not names or bad:
         raise argparse.ArgumentTypeError(f"unknown method(s) {bad or [s]}; choose from {METHOD_NAMES} or 'all'")
     if len(set(names)) != len(names):
@@ -62,11 +64,11 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m otloss.demo",
+        prog="python -m examples.imdb",
         description=(
             "Pretrain a small character GPT on IMDB reviews (the reference policy), build paired and unpaired "
-            "preference data from its completions scored by a sentiment classifier, align it with AOT "
-            "(paired and unpaired), DPO, IPO and KTO, and compare the held-out reward distributions."
+            "preference data from its completions scored by a sentiment classifier, align it with "
+            f"{', '.join(m.label for m in METHODS.values())}, and compare the held-out reward distributions."
         ),
         formatter_class=_Formatter,
     )
@@ -105,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from otloss.demo.pipeline import preset, resolve_device
+    from .pipeline import preset, resolve_device
 
     device = resolve_device(args.device)
     size = args.size
@@ -139,14 +141,14 @@ def config_from_args(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from otloss.demo import require_extras
+    from . import require_extras
 
     try:
         require_extras()
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from otloss.demo.pipeline import run_demo, validate_config
+    from .pipeline import run_demo, validate_config
 
     try:
         cfg = config_from_args(args)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+__all__ = ["CharTokenizer", "GPTConfig", "TinyGPT", "completion_logps", "sample"]
+
 
 class CharTokenizer:
     """A character vocabulary built from the training text (``chars`` in a fixed order)."""

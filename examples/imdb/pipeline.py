@@ -19,11 +19,27 @@ import torch
 import torch.nn.functional as F
 
 import otloss
-from otloss.demo.data import load_reviews
-from otloss.demo.losses import LABELS, LOSSES, PAIRED
-from otloss.demo.model import CharTokenizer, GPTConfig, TinyGPT, completion_logps, sample
 
-METHODS = ("aot_paired", "aot_unpaired", "dpo", "ipo", "kto")
+from .data import load_reviews
+from .losses import METHODS, colors, label
+from .model import CharTokenizer, GPTConfig, TinyGPT, completion_logps, sample
+
+__all__ = [
+    "PRESETS",
+    "DemoConfig",
+    "align",
+    "evaluate",
+    "get_preferences",
+    "get_reference",
+    "get_scorer",
+    "machine_description",
+    "markdown_table",
+    "preset",
+    "resolve_device",
+    "run_demo",
+    "validate_config",
+]
+
 QUANTILE_LEVELS = tuple(round(0.01 * i, 2) for i in range(1, 100))
 SEP = "\n"  # joins reviews in the pretraining stream
 
@@ -49,7 +65,7 @@ class DemoConfig:
     pretrain_batch: int = 32
     pretrain_lr: float = 2e-3
     # alignment
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = tuple(METHODS)
     align_steps: int = 100
     batch_size: int = 32
     lr: float = 1e-4
@@ -145,7 +161,7 @@ def validate_config(cfg: DemoConfig) -> None:
         )
     if not cfg.methods:
         raise ValueError("methods must name at least one method")
-    unknown = [m for m in cfg.methods if m not in LOSSES]
+    unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
     if len(set(cfg.methods)) != len(cfg.methods):
@@ -180,7 +196,7 @@ class _Log:
 def get_scorer(cfg: DemoConfig, reviews, log: _Log):
     from sklearn import __version__ as skv
 
-    from otloss.demo.scorer import train_scorer
+    from .scorer import train_scorer
 
     path = Path(cfg.cache_dir) / f"scorer-{_key(cfg.n_scorer_train, cfg.n_test_reviews, cfg.seed, skv)}.pkl"
     if cfg.use_cache and path.is_file():
@@ -363,11 +379,11 @@ def align(cfg: DemoConfig, method: str, ref: TinyGPT, data: dict, device, log: _
     policy.train()
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
-    loss_fn = LOSSES[method]
+    loss_fn = METHODS[method].loss
     curve = []
-    bar = log.bar(range(cfg.align_steps), desc=f"align {LABELS[method]}")
+    bar = log.bar(range(cfg.align_steps), desc=f"align {label(method)}")
     for _ in bar:
-        if PAIRED[method]:
+        if METHODS[method].paired:
             i = torch.randint(0, n, (bs,), generator=gen)
             ci, ri = i, i + n
         else:
@@ -392,7 +408,7 @@ def evaluate(cfg: DemoConfig, name: str, policy, ref, tok, scorer, data: dict, d
     """Held-out rewards of fresh samples, KL to the reference, and the chosen-vs-rejected margins."""
     ev = data["eval"]
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 3)
-    ys = _sample_batched(policy, ev["prompts"], cfg.completion_len, gen, device, 512, log, f"evaluate {LABELS[name]}")
+    ys = _sample_batched(policy, ev["prompts"], cfg.completion_len, gen, device, 512, log, f"evaluate {label(name)}")
     rewards = _score(scorer, tok, ys)
     if policy is ref:
         kl = 0.0
@@ -415,7 +431,7 @@ def evaluate(cfg: DemoConfig, name: str, policy, ref, tok, scorer, data: dict, d
 
 def _metrics(name: str, ev: dict, ref_ev: dict) -> dict:
     r, r0 = ev["rewards"].double(), ref_ev["rewards"].double()
-    row = {"method": LABELS[name], "mean_reward": float(r.mean()), "kl_to_ref": ev["kl"]}
+    row = {"method": label(name), "mean_reward": float(r.mean()), "kl_to_ref": ev["kl"]}
     rep = otloss.fsd_report(r, r0, quantiles=(0.1, 0.5, 0.9))
     row["fsd_area"] = rep["fsd_area"]
     row["fsd_w1"] = rep["fsd_w1"]
@@ -481,7 +497,7 @@ def machine_description(device: torch.device) -> str:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole demo; returns the summary written to ``<out_dir>/results.json``."""
-    from otloss.demo import require_extras
+    from . import require_extras
 
     require_extras()
     validate_config(cfg)
@@ -522,7 +538,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         timings["evaluate"] += time.perf_counter() - t
         r = evals[method]["rewards"]
         log(
-            f"{LABELS[method]}: mean held-out reward {r.mean():.3f} (reference {evals['reference']['rewards'].mean():.3f})"
+            f"{label(method)}: mean held-out reward {r.mean():.3f} (reference {evals['reference']['rewards'].mean():.3f})"
         )
 
     ref_row = {
@@ -534,25 +550,27 @@ def run_demo(cfg: DemoConfig) -> dict:
     rows = [ref_row] + [_metrics(m, evals[m], evals["reference"]) for m in cfg.methods]
 
     t = time.perf_counter()
-    from otloss.demo.plots import plot_quantiles
+    from .plots import plot_quantiles
 
     fig_a = plot_quantiles(
-        {LABELS[k]: v["rewards"] for k, v in evals.items()},
+        {label(k): v["rewards"] for k, v in evals.items()},
         out / "fig1a_reward_quantiles.png",
         title="Held-out reward of policy samples (Figure 1a analogue)",
         ylabel="reward (scorer logit)",
-        paired=[LABELS[m] for m in cfg.methods if PAIRED[m]],
-        unpaired=[LABELS[m] for m in cfg.methods if not PAIRED[m]],
+        paired=[label(m) for m in cfg.methods if METHODS[m].paired],
+        unpaired=[label(m) for m in cfg.methods if not METHODS[m].paired],
         levels=QUANTILE_LEVELS,
+        colors=colors(),
     )
     fig_b = plot_quantiles(
-        {LABELS[k]: v["margin"] for k, v in evals.items()},
+        {label(k): v["margin"] for k, v in evals.items()},
         out / "fig1b_margin_quantiles.png",
         title="Held-out chosen-minus-rejected log-likelihood margin (Figure 1b analogue)",
         ylabel="log p(chosen) - log p(rejected)",
-        paired=[LABELS[m] for m in cfg.methods if PAIRED[m]],
-        unpaired=[LABELS[m] for m in cfg.methods if not PAIRED[m]],
+        paired=[label(m) for m in cfg.methods if METHODS[m].paired],
+        unpaired=[label(m) for m in cfg.methods if not METHODS[m].paired],
         levels=QUANTILE_LEVELS,
+        colors=colors(),
     )
     timings["plots"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
@@ -574,11 +592,11 @@ def run_demo(cfg: DemoConfig) -> dict:
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "results": rows,
         "loss_curves": curves,
-        "samples": {LABELS[k]: v["samples"] for k, v in evals.items()},
+        "samples": {label(k): v["samples"] for k, v in evals.items()},
         "quantiles": {
             "levels": list(QUANTILE_LEVELS),
             **{
-                LABELS[k]: otloss.quantile_function(v["rewards"].double(), QUANTILE_LEVELS).tolist()
+                label(k): otloss.quantile_function(v["rewards"].double(), QUANTILE_LEVELS).tolist()
                 for k, v in evals.items()
             },
         },

