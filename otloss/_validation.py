@@ -1,20 +1,41 @@
 """Input checks shared by every public function.
 
-Metadata checks (types, shapes, dtypes, devices, emptiness) are always on: they
-cost nothing. Value checks (NaN/Inf, negative weights, weights that do not sum to
-a positive number) read tensor values, which forces a host-device synchronisation
-on a GPU; like ``torch.distributions`` they follow a per-call ``validate_args``
-argument whose default comes from :func:`set_validate_args`.
+Metadata checks (types, layouts, shapes, dtypes, devices, emptiness) are always on:
+they cost nothing. Value checks (NaN/Inf, negative weights, weights that do not sum
+to a positive number) read tensor values, which forces a host-device
+synchronisation on a GPU; like ``torch.distributions`` they follow a per-call
+``validate_args`` argument whose default comes from :func:`set_validate_args`.
+Under ``torch.func.vmap`` value checks cannot raise (a vmapped function has no
+data-dependent control flow): :func:`otloss.ot_h_1d` then returns NaN for each
+problem that fails them (see ``docs/behaviour.md``).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = ["get_validate_args", "set_validate_args"]
 
 _VALIDATE_ARGS = True
+
+#: the floating dtypes the library computes with (float8 and other exotic dtypes are refused)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def type_name(x: object) -> str:
+    """The type of ``x`` as a message shows it: ``float``, ``numpy.float32``, ``torch.Tensor``."""
+    t = type(x)
+    module = t.__module__
+    return t.__qualname__ if module == "builtins" else f"{module.split('.')[0]}.{t.__qualname__}"
+
+
+def as_bool(value: object, name: str) -> bool:
+    """``value`` as a ``bool``; Python and NumPy booleans are accepted, anything else is a ``TypeError``."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {type_name(value)} {value!r}")
 
 
 def set_validate_args(value: bool) -> None:
@@ -23,12 +44,10 @@ def set_validate_args(value: bool) -> None:
     Args:
         value: ``True`` (the initial default) checks values for NaN/Inf and weights
             for negativity on every call; ``False`` skips those checks, which avoids
-            a host-device synchronisation per call on a GPU.
+            a host-device synchronisation per call on a GPU. A NumPy bool is accepted.
     """
     global _VALIDATE_ARGS
-    if not isinstance(value, bool):
-        raise TypeError(f"set_validate_args: value must be a bool, got {type(value).__name__}")
-    _VALIDATE_ARGS = value
+    _VALIDATE_ARGS = as_bool(value, "set_validate_args: value")
 
 
 def get_validate_args() -> bool:
@@ -39,19 +58,45 @@ def get_validate_args() -> bool:
 def resolve_validate(validate_args: bool | None) -> bool:
     if validate_args is None:
         return _VALIDATE_ARGS
-    if not isinstance(validate_args, bool):
-        raise TypeError(f"validate_args must be a bool or None, got {type(validate_args).__name__}")
-    return validate_args
+    if isinstance(validate_args, bool):
+        return validate_args
+    if isinstance(validate_args, np.bool_):
+        return bool(validate_args)
+    raise TypeError(f"validate_args must be a bool or None, got {type_name(validate_args)} {validate_args!r}")
+
+
+def vmap_active() -> bool:
+    """Whether this call runs inside ``torch.func.vmap`` (at any level of nested transforms)."""
+    try:
+        stack = torch._C._functorch.get_interpreter_stack()
+    except (AttributeError, RuntimeError):  # a torch without the functorch interpreter stack
+        return False
+    if not stack:
+        return False
+    return any(i.key() == torch._C._functorch.TransformType.Vmap for i in stack)
+
+
+def check_dense_float(x: Tensor, name: str) -> None:
+    """A dense (strided, not nested) tensor of a supported floating dtype."""
+    if x.layout != torch.strided or x.is_nested:
+        kind = "a nested tensor" if x.is_nested else f"layout {x.layout}"
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {kind}; convert it with .to_dense()")
+    if x.dtype not in SUPPORTED_DTYPES:
+        hint = (
+            "; cast it with .float() (float8 is a storage format here, not a compute dtype)"
+            if x.is_floating_point()
+            else ""
+        )
+        raise TypeError(
+            f"{name} must have a floating-point dtype (float16, bfloat16, float32 or float64), got {x.dtype}{hint}"
+        )
 
 
 def check_values_tensor(x: object, name: str, *, min_dim: int = 1) -> Tensor:
-    """Metadata checks for a tensor of values: a floating tensor, non-empty."""
+    """Metadata checks for a tensor of values: a dense floating tensor, non-empty."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(
-            f"{name} must have a floating-point dtype (float16, bfloat16, float32 or float64), got {x.dtype}"
-        )
+        raise TypeError(f"{name} must be a torch.Tensor, got {type_name(x)}")
+    check_dense_float(x, name)
     if x.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dimension(s), got a tensor of shape {tuple(x.shape)}")
     if x.numel() == 0:
@@ -67,6 +112,8 @@ def check_same_dtype_device(a: Tensor, b: Tensor, name_a: str, name_b: str) -> N
 
 
 def check_finite(x: Tensor, name: str) -> None:
+    if x.device.type == "meta":  # no values to check
+        return
     if not bool(torch.isfinite(x).all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
@@ -83,9 +130,8 @@ def broadcast_weights(
     if w is None:
         return None
     if not isinstance(w, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(w).__name__}")
-    if not w.is_floating_point():
-        raise TypeError(f"{name} must have a floating-point dtype, got {w.dtype}")
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type_name(w)}")
+    check_dense_float(w, name)
     if same_device and w.device != values.device:
         raise ValueError(f"{name} must be on the same device as {values_name}, got {w.device} and {values.device}")
     try:
@@ -97,18 +143,28 @@ def broadcast_weights(
         ) from None
 
 
+def normalise_weights(w: Tensor) -> Tensor:
+    """Each row divided by its largest entry, in the weights' own dtype.
+
+    Done before any cast or cumulative sum, so that huge finite weights (``1e38`` in
+    float32, ``1e300`` in float64 for float32 values) neither overflow the sums nor
+    the cast; the plan depends on the weights only through their per-row ratios.
+    """
+    return w / w.amax(dim=-1, keepdim=True)
+
+
 def check_weights(w: object, values: Tensor, name: str, values_name: str, validate: bool) -> Tensor | None:
-    """Check a weight tensor against its values and broadcast it to their shape."""
+    """Check a weight tensor against its values, broadcast it to their shape and normalise it per row."""
     w = broadcast_weights(w, values, name, values_name)
     if w is None:
         return None
-    if validate:
+    if validate and w.device.type != "meta":
         check_finite(w, name)
         if bool((w < 0).any()):
             raise ValueError(f"{name} must be non-negative, got a minimum of {float(w.min())}")
         if bool((w.sum(-1) <= 0).any()):
             raise ValueError(f"{name} must sum to a positive number along the last dimension (each row)")
-    return w
+    return normalise_weights(w)
 
 
 def check_pair(
