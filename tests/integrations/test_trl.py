@@ -6,6 +6,7 @@ import importlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +21,10 @@ from datasets import Dataset
 from otloss.integrations import trl as otloss_trl
 from otloss.integrations.trl import AOTConfig, AOTTrainer
 from peft import LoraConfig
+from tolerances import tol
 from trl import DPOConfig, DPOTrainer
 
 import otloss
-from tolerances import tol
 
 pytestmark = pytest.mark.requires_trl
 
@@ -95,7 +96,7 @@ def _lora():
 def test_missing_trl_gives_friendly_import_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)
     monkeypatch.delitem(sys.modules, "otloss.integrations.trl")
-    with pytest.raises(ImportError, match=r"pip install 'otloss\[trl\]'"):
+    with pytest.raises(ImportError, match=r'pip install "torch-otloss\[trl\]"'):
         importlib.import_module("otloss.integrations.trl")
 
 
@@ -419,7 +420,7 @@ def test_global_batch_in_one_process_is_the_local_loss(
             paired=False,
             global_batch=global_batch,
         )
-        assert (trainer._global_aot_loss is not None) is global_batch
+        assert trainer.aot_loss.global_batch is global_batch and not trainer.aot_loss.is_global()
         losses.append(_loss_and_grads(trainer, _batch(trainer, 9))[0])
     assert losses[0].item() > 0
     torch.testing.assert_close(losses[1], losses[0])
@@ -429,7 +430,7 @@ def test_global_batch_refuses_a_process_group_the_trainer_does_not_use(
     tmp_path, monkeypatch, tiny_model_factory, tiny_tokenizer, tiny_unpaired_rows
 ):
     # e.g. two processes launched on CPU without --use_cpu: each Trainer runs alone on the whole dataset
-    monkeypatch.setattr(otloss_trl, "_distributed_world", lambda: 2)
+    monkeypatch.setattr(otloss_trl, "world_size", lambda: 2)
     kwargs = {"ref_model": tiny_model_factory(1), "tokenizer": tiny_tokenizer, "paired": False}
     with pytest.raises(ValueError, match=r"torch\.distributed has 2 processes but the Trainer runs 1,.*--use_cpu True"):
         _aot(tmp_path, tiny_model_factory(0), tiny_unpaired_rows, global_batch=True, **kwargs)
@@ -445,7 +446,7 @@ def test_accumulate_quantiles_sorts_with_the_earlier_micro_batches_of_the_step(
     first, second = range(0, 3), range(3, 7)
     loss_a, _ = _loss_and_grads(acc, _batch(acc, rows=first))
     loss_b, _ = _loss_and_grads(acc, _batch(acc, rows=second))
-    assert acc._memory.sizes == (7, 7)
+    assert acc.aot_loss.memory.sizes == (7, 7)
     torch.testing.assert_close(loss_a, _loss_and_grads(plain, _batch(plain, rows=first))[0])
     # the second micro-batch is sorted with the first: its loss is that of the two together ...
     both, _ = _loss_and_grads(plain, _batch(plain, rows=[*first, *second]))
@@ -455,13 +456,13 @@ def test_accumulate_quantiles_sorts_with_the_earlier_micro_batches_of_the_step(
     # ... until the optimizer step ends
     reset = next(c for c in acc.callback_handler.callbacks if type(c).__name__ == "_ResetQuantileMemory")
     reset.on_step_end(acc.args, acc.state, acc.control)
-    assert acc._memory.sizes == (0, 0)
+    assert acc.aot_loss.memory.sizes == (0, 0)
     torch.testing.assert_close(_loss_and_grads(acc, _batch(acc, rows=second))[0], alone)
     # evaluation never uses the memory
     acc.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(acc.compute_loss(acc.model, _batch(acc, rows=first)), loss_a)
-    assert acc._memory.sizes == (4, 4)  # what the last training micro-batch stored, untouched by evaluation
+    assert acc.aot_loss.memory.sizes == (4, 4)  # what the last training micro-batch stored, untouched by evaluation
 
 
 def test_accumulate_quantiles_trains_with_gradient_accumulation(
@@ -479,13 +480,7 @@ def test_accumulate_quantiles_trains_with_gradient_accumulation(
         max_steps=3,
     )
     sizes = []
-    loss_fn = trainer._train_aot_loss
-
-    def spy(*args):
-        sizes.append(trainer._memory.sizes)
-        return loss_fn(*args)
-
-    trainer._train_aot_loss = spy
+    trainer.aot_loss.register_forward_pre_hook(lambda module, args: sizes.append(module.memory.sizes))
     result = trainer.train()
     assert result.global_step == 3 and math.isfinite(result.training_loss)
     # two micro-batches of two pairs per optimizer step: the second sees the first, then the memory is reset
@@ -495,12 +490,67 @@ def test_accumulate_quantiles_trains_with_gradient_accumulation(
 def test_defaults(tmp_path):
     cpu = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False)
     args = AOTConfig(**cpu)
-    assert args.beta == 0.01 and args.paired is True and args.loss_type == ["aot"]
+    assert args.paired is True and args.loss_type == ["aot"]
     assert args.cost == "logistic" and args.sort == "hard" and args.backend == "auto"
     assert args.empty_class == "skip" and args.global_batch is False and args.log_fsd is True
     assert AOTConfig(**cpu, loss_type="aot_unpaired").paired is False
     assert AOTConfig(**cpu, loss_type="aot").paired is True
     assert AOTConfig(**cpu, paired=False).loss_type == ["aot_unpaired"]
+
+
+def test_default_beta_is_dpo_configs_so_the_swap_is_safe(
+    tmp_path, tiny_model_factory, tiny_tokenizer, tiny_preference_rows
+):
+    # DPOConfig(loss_type="aot") -> AOTConfig without beta: the same beta, so the same loss
+    common = _common(tmp_path)
+    del common["beta"]
+    dpo_args, aot_args = DPOConfig(loss_type=["aot"], **common), AOTConfig(**common)
+    assert aot_args.beta == dpo_args.beta == 0.1
+    ds = Dataset.from_list(tiny_preference_rows)
+    trainers = [
+        cls(
+            tiny_model_factory(0),
+            ref_model=tiny_model_factory(1),
+            args=a,
+            train_dataset=ds,
+            processing_class=tiny_tokenizer,
+        )
+        for cls, a in ((DPOTrainer, dpo_args), (AOTTrainer, aot_args))
+    ]
+    batch = _batch(trainers[0], 6)
+    loss_dpo, loss_aot = (_loss_and_grads(t, batch)[0] for t in trainers)
+    torch.testing.assert_close(loss_aot, loss_dpo, **tol(torch.float32, "parity"))
+    assert AOTConfig(**common, beta=0.01).beta == 0.01  # the AOT paper's value, when asked for
+
+
+def test_bf16_left_unset_is_off_without_a_bf16_accelerator(tmp_path):
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    out = str(tmp_path)
+    assert AOTConfig(output_dir=out).bf16 is is_torch_bf16_gpu_available()
+    assert AOTConfig(output_dir=out, use_cpu=True).bf16 is DPOConfig(output_dir=out, use_cpu=True).bf16 is True
+    assert AOTConfig(output_dir=out, bf16=False).bf16 is False
+    if not is_torch_bf16_gpu_available():  # an explicit request is refused as by DPOConfig
+        with pytest.raises(ValueError, match="bf16"):
+            AOTConfig(output_dir=out, bf16=True)
+        with pytest.raises(ValueError, match="bf16"):
+            DPOConfig(output_dir=out)
+
+
+def _python_blocks(path: Path) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)
+
+
+def test_docs_first_snippet_runs_as_pasted(tmp_path, monkeypatch):
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    first = _python_blocks(REPO / "docs" / "trl.md")[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(first, "docs/trl.md", "exec"), namespace)
+    args = namespace["args"]
+    assert isinstance(args, AOTConfig) and args.loss_type == ["aot"] and args.beta == 0.01
+    assert args.bf16 is is_torch_bf16_gpu_available()  # float32 on a CPU-only machine
 
 
 # ---------------------------------------------------------------- example script

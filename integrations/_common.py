@@ -1,0 +1,187 @@
+"""What the TRL and Lightning adapters share: the loss module, class counts, gathers, metrics, a tiny model.
+
+Needs only torch at import time (``transformers`` only inside :func:`tiny_causal_lm`).
+
+Metric convention (both adapters): ``rewards/chosen`` and ``rewards/rejected`` are
+TRL's implicit rewards ``beta * (logp_policy - logp_ref)``, averaged over the chosen
+(desirable) and rejected (undesirable) completions; ``rewards/margins`` and
+``rewards/accuracies`` compare them. The FSD diagnostics are in log-ratio units
+(not multiplied by ``beta``), on the two distributions the loss compares.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from otloss.diagnostics import fsd_report
+from otloss.distributed import all_gather_variable
+from otloss.functional import aot_loss
+from otloss.modules import AOTLoss
+
+__all__ = [
+    "DEFAULT_BETA",
+    "AdapterLoss",
+    "aot_uv",
+    "gather_logps",
+    "install_hint",
+    "preference_metrics",
+    "tiny_causal_lm",
+    "world_size",
+]
+
+DEFAULT_BETA = 0.01  # what beta=None means in otloss.aot_loss: the AOT paper's value
+_BACKENDS = ("auto", "torch", "triton")
+_AOT_OPTIONS = [p.name for p in inspect.signature(aot_loss).parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+
+def install_hint(extra: str) -> str:
+    """The install command for an extra of this project (distribution ``torch-otloss``, import name ``otloss``)."""
+    return f'pip install "torch-otloss[{extra}]" (or pip install -e ".[{extra}]" from a checkout)'
+
+
+def world_size(group: object = None) -> int:
+    """Ranks in ``group`` (the default group when ``None``); 1 when ``torch.distributed`` is not initialised."""
+    dist = torch.distributed
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+class AdapterLoss(AOTLoss):
+    """:class:`otloss.AOTLoss` as the adapters use it: one object serves training and evaluation, one or many ranks.
+
+    * ``memory`` (an :class:`otloss.QuantileMemory`) is used in training mode only:
+      in ``eval()`` mode the loss neither reads nor extends it.
+    * ``global_batch=True`` gathers only when an initialised process group has more
+      than one rank; otherwise it is the local loss.
+    * ``backend`` and ``global_batch`` are checked here, at construction.
+    """
+
+    def __init__(self, *, backend: str = "auto", global_batch: bool = False, **options: object) -> None:
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        if not isinstance(global_batch, bool):
+            raise TypeError(f"global_batch must be a bool, got {type(global_batch).__name__}")
+        super().__init__(backend=backend, global_batch=global_batch, **options)
+
+    def is_global(self) -> bool:
+        """Whether the next call sorts across ranks (``global_batch`` and a group of several ranks)."""
+        return self.global_batch and world_size(self.group) > 1
+
+    def has_both_classes(self, n_chosen: int, n_rejected: int, device: torch.device | str) -> bool:
+        """Whether the batch the loss sorts (all ranks' when :meth:`is_global`) has a chosen and a rejected sample.
+
+        A collective when :meth:`is_global`: every rank must call it.
+        """
+        counts = torch.tensor([n_chosen, n_rejected], device=device)
+        if self.is_global():
+            torch.distributed.all_reduce(counts, group=self.group)
+        return bool((counts > 0).all())
+
+    def forward(self, *logps: Tensor) -> Tensor:
+        options = {name: getattr(self, name) for name in _AOT_OPTIONS}
+        options["global_batch"] = self.is_global()
+        options["group"] = self.group if options["global_batch"] else None
+        options["memory"] = self.memory if self.training else None
+        return aot_loss(*logps, **options)
+
+
+def aot_uv(logps: Sequence[Tensor], paired: bool) -> tuple[Tensor, Tensor]:
+    """The loss's ``u`` (pushed to dominate) and ``v`` from ``(policy_chosen, policy_rejected, ref_chosen, ref_rejected)``.
+
+    Paired: policy margins and reference margins; unpaired: chosen and rejected log-ratios.
+    """
+    pc, pr, rc, rr = logps
+    return (pc - pr, rc - rr) if paired else (pc - rc, pr - rr)
+
+
+def gather_logps(logps: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(policy_chosen, policy_rejected, ref_chosen, ref_rejected)`` of every rank, detached, in rank order.
+
+    Sizes may differ across ranks (:func:`otloss.all_gather_variable`, two gathers);
+    pairs stay aligned. A collective with several ranks: every rank must call it. In
+    one process it returns the detached tensors.
+    """
+    pc, pr, rc, rr = (t.detach() for t in logps)
+    if world_size() == 1:
+        return pc, pr, rc, rr
+    chosen, rejected = all_gather_variable(torch.stack([pc, rc])), all_gather_variable(torch.stack([pr, rr]))
+    return chosen[0], rejected[0], chosen[1], rejected[1]
+
+
+def preference_metrics(
+    logps: Sequence[Tensor],
+    *,
+    beta: float,
+    pairs: bool,
+    paired: bool,
+    fsd_quantiles: Sequence[float] | None = None,
+) -> dict[str, float]:
+    """``rewards/*``, ``logps/*`` and the FSD diagnostics of one batch, in TRL's units.
+
+    Args:
+        logps: ``(policy_chosen, policy_rejected, ref_chosen, ref_rejected)``, detached
+            (gathered over ranks first if wanted); ``[B]`` each when ``pairs``, else
+            ``[n]``, ``[n]``, ``[m]``, ``[m]`` (either may be empty).
+        beta: the reward scale: ``reward = beta * (logp_policy - logp_ref)``.
+        pairs: the rows are (chosen, rejected) pairs: ``rewards/accuracies`` is the
+            fraction of pairs ranked correctly and ``rewards/margins`` the mean reward
+            difference. Otherwise the fraction of all (desirable, undesirable) pairs
+            ranked correctly and the difference of the class means.
+        paired: the loss is paired (FSD diagnostics of the policy margins over the
+            reference margins) or unpaired (chosen over rejected log-ratios).
+        fsd_quantiles: levels of ``quantile_margin_<t>``; ``None``: no FSD diagnostics.
+
+    Returns:
+        Keys present when their data is: ``rewards/chosen``, ``rewards/rejected``,
+        ``logps/chosen``, ``logps/rejected``, ``rewards/accuracies``,
+        ``rewards/margins`` and the keys of :func:`otloss.fsd_report` (skipped when a
+        side is empty or not finite).
+    """
+    pc, pr, rc, rr = logps
+    chosen, rejected = beta * (pc - rc), beta * (pr - rr)
+    out: dict[str, float] = {}
+    for name, rewards, policy in (("chosen", chosen, pc), ("rejected", rejected, pr)):
+        if rewards.numel():
+            out[f"rewards/{name}"] = rewards.mean().item()
+            out[f"logps/{name}"] = policy.mean().item()
+    if not (chosen.numel() and rejected.numel()):
+        return out
+    if pairs:
+        out["rewards/accuracies"] = (chosen > rejected).float().mean().item()
+        out["rewards/margins"] = (chosen - rejected).mean().item()
+    else:
+        out["rewards/accuracies"] = (chosen[:, None] > rejected[None, :]).float().mean().item()
+        out["rewards/margins"] = (chosen.mean() - rejected.mean()).item()
+    u, v = (t.float().cpu() for t in aot_uv(logps, paired))
+    if fsd_quantiles is not None and torch.isfinite(u).all() and torch.isfinite(v).all():
+        out.update(fsd_report(u, v, fsd_quantiles))
+    return out
+
+
+def tiny_causal_lm(seed: int = 0, vocab_size: int = 64):
+    """A two-layer ``transformers.LlamaForCausalLM`` built from a config, whose weights depend only on ``seed``.
+
+    The one tiny model of the tests and the offline examples (a few thousand
+    parameters; token ids 0, 1, 2 are pad, BOS and EOS). Leaves the global torch RNG
+    seeded with ``seed``.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
