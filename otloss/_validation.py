@@ -111,13 +111,17 @@ def check_same_dtype_device(a: Tensor, b: Tensor, name_a: str, name_b: str) -> N
         raise TypeError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}")
 
 
+class NonFiniteError(ValueError):
+    """A value check found NaN or Inf (a ``ValueError``; callers may catch it to name the input)."""
+
+
 def check_finite(x: Tensor, name: str) -> None:
     if x.device.type == "meta":  # no values to check
         return
     if not bool(torch.isfinite(x).all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
-        raise ValueError(
+        raise NonFiniteError(
             f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf); "
             "pass finite values, or validate_args=False to skip this check"
         )
@@ -144,13 +148,13 @@ def broadcast_weights(
 
 
 def normalise_weights(w: Tensor) -> Tensor:
-    """Each row divided by its largest entry, in the weights' own dtype.
+    """Each row divided by its largest magnitude, in the weights' own dtype (signs kept).
 
     Done before any cast or cumulative sum, so that huge finite weights (``1e38`` in
     float32, ``1e300`` in float64 for float32 values) neither overflow the sums nor
     the cast; the plan depends on the weights only through their per-row ratios.
     """
-    return w / w.amax(dim=-1, keepdim=True)
+    return w / w.abs().amax(dim=-1, keepdim=True)
 
 
 def check_weights(w: object, values: Tensor, name: str, values_name: str, validate: bool) -> Tensor | None:

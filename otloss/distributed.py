@@ -25,12 +25,16 @@ these functions with ``global_batch=True`` needs it.
 
 from __future__ import annotations
 
+import contextlib
+import math
+import numbers
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from otloss._validation import broadcast_weights, check_finite
+from otloss._validation import as_bool, broadcast_weights, check_dense_float, check_finite, type_name
 
 __all__ = ["QuantileMemory", "all_gather_variable"]
 
@@ -73,11 +77,8 @@ def check_local_values(x: object, name: str) -> Tensor:
         ``x``.
     """
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(
-            f"{name} must have a floating-point dtype (float16, bfloat16, float32 or float64), got {x.dtype}"
-        )
+        raise TypeError(f"{name} must be a torch.Tensor, got {type_name(x)}")
+    check_dense_float(x, name)
     if x.dim() < 1:
         raise ValueError(f"{name} must have at least 1 dimension, got a tensor of shape {tuple(x.shape)}")
     return x
@@ -223,13 +224,45 @@ def all_gather_variable(x: Tensor, group: Any = None, *, grad_scale: float = 1.0
             raise
         err = e
     grad_scale = _check_scale(grad_scale, "grad_scale")
+    check_group(group)
     return _gather_many([x], ["x"], [err], group, grad_scale)[0]  # type: ignore[return-value]
 
 
 def _check_scale(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type_name(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_group(group: object, name: str = "group") -> None:
+    """``group`` is ``None`` (the default group) or a ``torch.distributed.ProcessGroup``."""
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    pg = getattr(dist, "ProcessGroup", None) if dist.is_available() else None
+    if pg is None or not isinstance(group, pg):
+        raise TypeError(
+            f"{name} must be a torch.distributed.ProcessGroup or None (the default group), got {type_name(group)}; "
+            "from a DeviceMesh pass mesh.get_group()"
+        )
+
+
+@contextlib.contextmanager
+def rollback_on_error(memory: QuantileMemory | None) -> Iterator[None]:
+    """Restore ``memory`` to its state on entry when the body raises, whatever the error."""
+    if memory is None:
+        yield
+        return
+    saved = memory._stored  # extend() replaces the list and never modifies stored tensors in place
+    try:
+        yield
+    except BaseException:
+        memory._stored = saved
+        raise
 
 
 def _local_weights(w: object, values: Tensor, name: str, values_name: str) -> Tensor | None:
@@ -278,9 +311,7 @@ class QuantileMemory:
     """
 
     def __init__(self, rescale_grad: bool = True) -> None:
-        if not isinstance(rescale_grad, bool):
-            raise TypeError(f"rescale_grad must be a bool, got {type(rescale_grad).__name__}")
-        self.rescale_grad = rescale_grad
+        self.rescale_grad = as_bool(rescale_grad, "rescale_grad")
         self._stored: list[Tensor | None] | None = None
 
     def reset(self) -> None:
@@ -313,7 +344,19 @@ class QuantileMemory:
 
         Returns:
             ``(u, v, u_weights, v_weights)`` over stored plus current elements.
+
+        Raises:
+            TypeError, ValueError: an argument is invalid or does not match the stored
+                ones; the memory is then left as it was.
         """
+        check_local_values(u, "u")
+        check_local_values(v, "v")
+        if u.shape[:-1] != v.shape[:-1]:
+            raise ValueError(
+                f"u and v must have the same leading (batch) dimensions, got {tuple(u.shape)} and {tuple(v.shape)}"
+            )
+        u_weights = _local_weights(u_weights, u, "u_weights", "u")
+        v_weights = _local_weights(v_weights, v, "v_weights", "v")
         current = [u, v, u_weights, v_weights]
         names = ["u", "v", "u_weights", "v_weights"]
         if self._stored is not None:
@@ -352,6 +395,17 @@ class QuantileMemory:
         return out[0], out[1], out[2], out[3]  # type: ignore[return-value]
 
 
+def check_global_options(global_batch: object, group: object, memory: object) -> bool:
+    """Check ``global_batch``, ``group`` and ``memory`` without communicating; returns ``global_batch``."""
+    global_batch = as_bool(global_batch, "global_batch")
+    if memory is not None and not isinstance(memory, QuantileMemory):
+        raise TypeError(f"memory must be a QuantileMemory or None, got {type_name(memory)}")
+    if group is not None and not global_batch:
+        raise ValueError("group is used only with global_batch=True; pass group=None or global_batch=True")
+    check_group(group)
+    return global_batch
+
+
 def prepare_global_batch(
     u: Tensor,
     v: Tensor,
@@ -370,12 +424,7 @@ def prepare_global_batch(
     (gathered) values are checked for NaN/Inf before the memory stores them, so a
     rejected micro-batch leaves the memory as it was.
     """
-    if not isinstance(global_batch, bool):
-        raise TypeError(f"global_batch must be a bool, got {type(global_batch).__name__}")
-    if memory is not None and not isinstance(memory, QuantileMemory):
-        raise TypeError(f"memory must be a QuantileMemory or None, got {type(memory).__name__}")
-    if group is not None and not global_batch:
-        raise ValueError("group is used only with global_batch=True; pass group=None or global_batch=True")
+    global_batch = check_global_options(global_batch, group, memory)
     if global_batch:
         dist = _dist()
         names = ["u", "v", "u_weights", "v_weights"]

@@ -6,7 +6,6 @@ inputs) and returns a result in the dtype of its first input.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Literal
 
@@ -15,19 +14,33 @@ from torch import Tensor
 
 from otloss._reference import SortedOT, check_sum, functorch_active, sort_with_index
 from otloss._validation import (
+    NonFiniteError,
+    as_bool,
     check_finite,
     check_pair,
     check_same_dtype_device,
     check_values_tensor,
     compute_dtype,
     resolve_validate,
+    type_name,
+    vmap_active,
 )
-from otloss.costs import Cost, get_cost, hinge, logistic, squared_hinge, zero_one
+from otloss.costs import Cost, _real, get_cost, hinge, logistic, squared_hinge, zero_one
 from otloss.coupling import merge_sorted_weights
-from otloss.distributed import QuantileMemory, check_local_values, prepare_global_batch
+from otloss.distributed import (
+    QuantileMemory,
+    check_global_options,
+    check_local_values,
+    prepare_global_batch,
+    rollback_on_error,
+)
 from otloss.sorting import SoftSort
 
-__all__ = ["aot_loss", "fsd_violation", "ot_h_1d"]
+__all__ = ["AOT_DEFAULT_BETA", "aot_loss", "fsd_violation", "ot_h_1d"]
+
+#: ``beta`` of :func:`aot_loss` when none is given: the paper's value on sequence log-ratios (Section 4).
+#: The ``logistic`` cost itself defaults to ``beta = 1`` (a unit scale for a generic loss on any values).
+AOT_DEFAULT_BETA = 0.01
 
 SortArg = Literal["hard", "soft"] | SoftSort
 Reduction = Literal["none", "mean", "sum"]
@@ -39,9 +52,9 @@ def _resolve_sort(sort: object) -> SoftSort | None:
     """``None`` means hard sort."""
     if isinstance(sort, SoftSort):
         return sort
-    if sort == "hard":
+    if isinstance(sort, str) and sort == "hard":
         return None
-    if sort == "soft":
+    if isinstance(sort, str) and sort == "soft":
         return SoftSort()
     raise ValueError(f"sort must be 'hard', 'soft' or a SoftSort, got {sort!r}")
 
@@ -78,8 +91,48 @@ def _reduce(rows: Tensor, reduction: str) -> Tensor:
 
 
 def _check_reduction(reduction: object) -> None:
-    if reduction not in ("none", "mean", "sum"):
+    if not isinstance(reduction, str) or reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+
+
+def _check_backend(backend: object) -> None:
+    if not isinstance(backend, str) or backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+
+
+def _check_options(
+    sort: object,
+    reduction: object,
+    backend: object,
+    validate_args: object,
+    global_batch: object,
+    group: object,
+    memory: object,
+) -> tuple[SoftSort | None, bool, bool]:
+    """Every option shared by the losses, checked before any work; the modules call it in ``__init__``.
+
+    Returns ``(sorter, validate, global_batch)``: ``sorter`` is ``None`` for hard sort.
+    """
+    sorter = _resolve_sort(sort)
+    _check_reduction(reduction)
+    _check_backend(backend)
+    validate = resolve_validate(validate_args)  # type: ignore[arg-type]
+    return sorter, validate, check_global_options(global_batch, group, memory)
+
+
+def _nan_unless_valid(out: Tensor, u: Tensor, v: Tensor, a: Tensor | None, b: Tensor | None) -> Tensor:
+    """The value checks under ``torch.func.vmap``, where they cannot raise: NaN for each problem that fails them.
+
+    ``a`` and ``b`` are the weights after :func:`~otloss._validation.check_weights` (divided by the
+    largest magnitude of their row, so signs and non-finite entries are kept).
+    """
+    ok = torch.isfinite(u).all(-1) & torch.isfinite(v).all(-1)
+    for w in (a, b):
+        if w is not None:
+            ok = ok & torch.isfinite(w).all(-1) & (w >= 0).all(-1)
+    if out.dim() == 0:
+        ok = ok.all()
+    return torch.where(ok, out, torch.full_like(out, float("nan")))
 
 
 def _ot_rows(
@@ -195,22 +248,28 @@ def ot_h_1d(
         need, and may exceed the transport minimum. Values follow IEEE arithmetic
         in the compute dtype: a cost that overflows gives ``inf``.
     """
-    validate = resolve_validate(validate_args)
-    if global_batch is not False or group is not None or memory is not None:
-        u, v, u_weights, v_weights = prepare_global_batch(
-            u, v, u_weights, v_weights, global_batch=global_batch, group=group, memory=memory, validate=validate
-        )
-    a, b = check_pair(u, v, u_weights, v_weights, validate, values=False)
+    sorter, validate, global_batch = _check_options(
+        sort, reduction, backend, validate_args, global_batch, group, memory
+    )
     cost = get_cost(cost)
-    sorter = _resolve_sort(sort)
-    _check_reduction(reduction)
-    if sorter is not None and (a is not None or b is not None):
-        raise ValueError("soft sort needs uniform weights: pass u_weights=None and v_weights=None, or sort='hard'")
-    check_values = _finite_check((u, "u"), (v, "v")) if validate else None
-    return _ot_h_1d_checked(u, v, cost, a, b, sorter, reduction, backend, check_values)
+    # under vmap the value checks cannot raise: failing problems give NaN instead (_nan_unless_valid)
+    vmapped = validate and vmap_active()
+    if vmapped:
+        validate = False
+    with rollback_on_error(memory):  # a call that raises, for any reason, leaves the memory as it was
+        if global_batch or memory is not None:
+            u, v, u_weights, v_weights = prepare_global_batch(
+                u, v, u_weights, v_weights, global_batch=global_batch, group=group, memory=memory, validate=validate
+            )
+        a, b = check_pair(u, v, u_weights, v_weights, validate, values=False)
+        if sorter is not None and (a is not None or b is not None):
+            raise ValueError("soft sort needs uniform weights: pass u_weights=None and v_weights=None, or sort='hard'")
+        check_values = _finite_check((u, "u"), (v, "v")) if validate else None
+        out = _dispatch(u, v, cost, a, b, sorter, reduction, backend, check_values)
+    return _nan_unless_valid(out, u, v, a, b) if vmapped else out
 
 
-def _ot_h_1d_checked(
+def _dispatch(
     u: Tensor,
     v: Tensor,
     cost: Cost,
@@ -221,11 +280,11 @@ def _ot_h_1d_checked(
     backend: str,
     check_values: Callable[[], None] | None,
 ) -> Tensor:
-    """``ot_h_1d`` after its argument checks: value check, dispatch, compute dtype, reduction."""
+    """``ot_h_1d`` after its argument checks (its only caller): value check, dispatch, compute dtype, reduction."""
     use_triton = _use_triton(backend, u, v, cost, a is not None or b is not None, sorter is not None)
     if not cost.differentiable and torch.is_grad_enabled():
         with torch.no_grad():
-            return _ot_h_1d_checked(u, v, cost, a, b, sorter, reduction, backend, check_values)
+            return _dispatch(u, v, cost, a, b, sorter, reduction, backend, check_values)
     if use_triton:
         if check_values is not None:
             check_values()
@@ -243,6 +302,16 @@ _FSD_MEASURES: dict[str, Callable[[], Cost]] = {
     "w1": lambda: hinge(0.0),
     "w2": lambda: squared_hinge(0.0),
 }
+
+
+def _fsd_cost(measure: object) -> Cost:
+    if isinstance(measure, Cost):
+        return measure
+    if isinstance(measure, str):
+        if measure not in _FSD_MEASURES:
+            raise ValueError(f"measure must be one of {sorted(_FSD_MEASURES)} or a Cost, got {measure!r}")
+        return _FSD_MEASURES[measure]()
+    raise TypeError(f"measure must be a name or a Cost, got {type_name(measure)}")
 
 
 def fsd_violation(
@@ -274,14 +343,7 @@ def fsd_violation(
     All are 0 when ``u`` dominates ``v`` (the smooth surrogates are not: they keep
     rewarding larger margins). Other arguments are those of :func:`ot_h_1d`.
     """
-    if isinstance(measure, str):
-        if measure not in _FSD_MEASURES:
-            raise ValueError(f"measure must be one of {sorted(_FSD_MEASURES)} or a Cost, got {measure!r}")
-        cost = _FSD_MEASURES[measure]()
-    elif isinstance(measure, Cost):
-        cost = measure
-    else:
-        raise TypeError(f"measure must be a name or a Cost, got {type(measure).__name__}")
+    cost = _fsd_cost(measure)
     return ot_h_1d(
         u,
         v,
@@ -298,25 +360,20 @@ def fsd_violation(
 _AOT_COSTS = ("logistic", "hinge", "squared_hinge", "least_squares")
 
 
-@functools.lru_cache(maxsize=64, typed=True)  # typed: True and 1.0 are different betas
-def _named_aot_cost(cost: str, beta: float | None, label_smoothing: float) -> Cost:
-    if cost not in _AOT_COSTS:
-        raise ValueError(f"cost must be one of {list(_AOT_COSTS)}, a Cost or a callable for AOT, got {cost!r}")
-    beta = 0.01 if beta is None else beta
-    if cost == "logistic":
-        return logistic(beta, label_smoothing)
-    if label_smoothing != 0:
-        raise ValueError(f"label_smoothing applies to the logistic cost only, got {label_smoothing} with {cost!r}")
-    return get_cost(cost, beta=beta)
-
-
 def _aot_cost(cost: CostArg, beta: float | None, label_smoothing: float) -> Cost:
+    """The cost of :func:`aot_loss`: a name with ``beta`` (``None``: :data:`AOT_DEFAULT_BETA`), or a ready cost."""
+    if beta is not None:
+        _real(beta, "beta")
+    label_smoothing = _real(label_smoothing, "label_smoothing")
     if isinstance(cost, str):
-        try:
-            hash((beta, label_smoothing))
-        except TypeError:  # not a number: the uncached call lets the cost factory name the argument
-            return _named_aot_cost.__wrapped__(cost, beta, label_smoothing)
-        return _named_aot_cost(cost, beta, label_smoothing)
+        if cost not in _AOT_COSTS:
+            raise ValueError(f"cost must be one of {list(_AOT_COSTS)}, a Cost or a callable for AOT, got {cost!r}")
+        beta = AOT_DEFAULT_BETA if beta is None else beta
+        if cost == "logistic":
+            return logistic(beta, label_smoothing)
+        if label_smoothing != 0:
+            raise ValueError(f"label_smoothing applies to the logistic cost only, got {label_smoothing} with {cost!r}")
+        return get_cost(cost, beta=beta)
     if beta is not None or label_smoothing != 0:
         raise ValueError(
             "beta and label_smoothing configure a cost given by name; a Cost or callable carries its own "
@@ -365,13 +422,18 @@ def aot_loss(
         paired: see above.
         cost: ``"logistic"`` (default), ``"hinge"``, ``"squared_hinge"``,
             ``"least_squares"``, or a :class:`~otloss.Cost` / callable.
-        beta: for a cost given by name; ``None`` means ``0.01``, the paper's value
-            (a scale for logistic, a margin for the hinge family).
+        beta: for a cost given by name; ``None`` means :data:`AOT_DEFAULT_BETA` ``= 0.01``,
+            the paper's value on sequence log-ratios (a scale for logistic, a margin for
+            the hinge family). It differs on purpose from ``otloss.logistic()``'s unit
+            default ``beta = 1``, which :func:`ot_h_1d` uses for ``cost="logistic"``.
         label_smoothing: logistic cost only, in ``[0, 1]``.
         sort: ``"hard"``, ``"soft"`` or a :class:`~otloss.SoftSort`.
         reduction: over leading batch dimensions, as in :func:`ot_h_1d`.
-        validate_args: as in :func:`ot_h_1d`. With ``global_batch=True`` the values
-            are checked after the gather (on every rank alike, naming ``u``/``v``).
+        validate_args: as in :func:`ot_h_1d`; the error names the input holding a NaN or
+            Inf. With ``global_batch=True`` the values are checked after the gather, so
+            every rank raises (the rank holding the value names the input, the others
+            ``u``/``v``). Finite inputs whose margins overflow the compute dtype are let
+            through (IEEE arithmetic: an infinite margin), except with ``global_batch``.
         global_batch: sort the ``u`` and ``v`` of every rank together, as in
             :func:`ot_h_1d`; a rank may hold no chosen or no rejected sample.
         group: as in :func:`ot_h_1d`.
@@ -381,12 +443,12 @@ def aot_loss(
     Returns:
         The loss, in the dtype of ``policy_chosen_logps``.
     """
-    if not isinstance(paired, bool):
-        raise TypeError(f"paired must be a bool, got {type(paired).__name__}")
+    paired = as_bool(paired, "paired")
+    _, _, global_batch = _check_options(sort, reduction, backend, validate_args, global_batch, group, memory)
     names = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
     tensors = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     for t, name in zip(tensors, names):
-        if global_batch is True or memory is not None:
+        if global_batch or memory is not None:
             check_local_values(t, name)
         else:
             check_values_tensor(t, name)
@@ -417,34 +479,18 @@ def aot_loss(
                 f"got {tuple(pc.shape)} and {tuple(pr.shape)}"
             )
     h = _aot_cost(cost, beta, label_smoothing)
-    validate = resolve_validate(validate_args)
     cdt = compute_dtype(pc.dtype)
     pc, pr, rc, rr = (_cast(t, cdt) for t in tensors)
-    if paired:
-        u, v = pc - pr, rc - rr
-    else:
-        u, v = pc - rc, pr - rr
-    if global_batch is not False or group is not None or memory is not None:
-        if validate and global_batch is not True:  # with global_batch, checked after the gather
-            _finite_check(*zip(tensors, names))()
-        out = ot_h_1d(
-            u,
-            v,
-            h,
-            sort=sort,
-            reduction=reduction,
-            validate_args=validate and global_batch is True,
-            global_batch=global_batch,
-            group=group,
-            memory=memory,
-            backend=backend,
-        )
-    else:
-        # a non-finite input always gives a non-finite margin, so the check on the margins'
-        # sorted differences inside the loss finds it; it then names the input (finite
-        # inputs whose margins overflow are let through)
-        check_values = _finite_check(*zip(tensors, names)) if validate else None
-        sorter = _resolve_sort(sort)
-        _check_reduction(reduction)
-        out = _ot_h_1d_checked(u, v, h, None, None, sorter, reduction, backend, check_values)
+    u, v = (pc - pr, rc - rr) if paired else (pc - rc, pr - rr)
+    options = dict(sort=sort, reduction=reduction, global_batch=global_batch, group=group, memory=memory)
+    try:
+        out = ot_h_1d(u, v, h, validate_args=validate_args, backend=backend, **options)
+    except NonFiniteError:
+        # a non-finite input always makes a non-finite margin: name the input that holds it
+        for t, name in zip(tensors, names):
+            check_finite(t, name)
+        if global_batch:  # after the gather: the value may come from another rank
+            raise
+        # finite inputs whose margins overflow: computed in IEEE arithmetic, as documented
+        out = ot_h_1d(u, v, h, validate_args=False, backend=backend, **options)
     return _cast(out, policy_chosen_logps.dtype)

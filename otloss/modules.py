@@ -1,13 +1,18 @@
 """``nn.Module`` wrappers: each stores its options and calls the functional API.
 
 The defaults are those of the functions in :mod:`otloss.functional` (a test checks
-that every module default equals the function's).
+that every module default equals the function's). Every option is checked in
+``__init__`` by the same code the functions use, so a bad ``reduction``, ``backend``,
+``sort``, measure or cost fails when the module is built, not at its first forward.
+Modules holding a built-in cost pickle, deep-copy and go through ``torch.save``;
+a module holding a process ``group`` does not pickle (process groups do not).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
+from otloss._validation import as_bool
 from otloss.costs import Cost, get_cost
 from otloss.distributed import QuantileMemory
 from otloss.functional import (
@@ -16,7 +21,8 @@ from otloss.functional import (
     Reduction,
     SortArg,
     _aot_cost,
-    _resolve_sort,
+    _check_options,
+    _fsd_cost,
     aot_loss,
     fsd_violation,
     ot_h_1d,
@@ -47,7 +53,7 @@ class OTLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.cost = get_cost(cost)
-        _resolve_sort(sort)
+        _, _, global_batch = _check_options(sort, reduction, backend, validate_args, global_batch, group, memory)
         self.sort = sort
         self.reduction = reduction
         self.validate_args = validate_args
@@ -89,6 +95,8 @@ class FSDViolation(nn.Module):
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
+        _fsd_cost(measure)
+        _check_options(sort, reduction, backend, validate_args, False, None, None)
         self.measure = measure
         self.sort = sort
         self.reduction = reduction
@@ -136,8 +144,9 @@ class AOTLoss(nn.Module):
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
-        _aot_cost(cost, beta, label_smoothing)  # fail fast on bad options
-        _resolve_sort(sort)
+        paired = as_bool(paired, "paired")
+        _aot_cost(cost, beta, label_smoothing)
+        _, _, global_batch = _check_options(sort, reduction, backend, validate_args, global_batch, group, memory)
         self.paired = paired
         self.cost = cost
         self.beta = beta

@@ -145,8 +145,8 @@ def _grads(leaves):
 def _try(fn):
     try:
         fn()
-    except Exception as e:
-        return (type(e).__name__, str(e))
+    except Exception as e:  # the builtin type a caller catches (NonFiniteError is a ValueError)
+        return (next(c.__name__ for c in type(e).__mro__ if c.__module__ == "builtins"), str(e))
     return None
 
 
