@@ -9,29 +9,72 @@ mass ``t_k - t_{k-1}`` from one sorted ``u`` atom to one sorted ``v`` atom.
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from otloss._validation import check_pair, compute_dtype, resolve_validate
+from otloss._validation import check_pair, compute_dtype, resolve_validate, type_name
 
 __all__ = ["Coupling", "quantile_coupling"]
 
 
-class Coupling(NamedTuple):
-    """A sparse transport plan: ``mass[k]`` moves from ``u[u_index[k]]`` to ``v[v_index[k]]``.
-
-    Indices point into the original (unsorted) inputs along the last dimension;
-    entries are listed in increasing quantile order. Masses sum to 1 per row.
-    """
-
+class _Plan(NamedTuple):
     u_index: Tensor
     v_index: Tensor
     mass: Tensor
 
-    def to_dense(self, n: int, m: int) -> Tensor:
-        """The plan as a dense ``[..., n, m]`` matrix (the layout of POT's ``ot.emd``)."""
+
+def _size(x: object, name: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type_name(x)}")
+    if x < 1:
+        raise ValueError(f"{name} must be >= 1, got {x}")
+    return int(x)
+
+
+class Coupling(_Plan):
+    """A sparse transport plan: ``mass[k]`` moves from ``u[u_index[k]]`` to ``v[v_index[k]]``.
+
+    Indices point into the original (unsorted) inputs along the last dimension;
+    entries are listed in increasing quantile order. Masses sum to 1 per row.
+    A named tuple of ``(u_index, v_index, mass)``; a plan made by
+    :func:`quantile_coupling` also remembers the sizes ``n`` and ``m`` of ``u`` and ``v``
+    (``None`` for a plan built by hand).
+    """
+
+    def __new__(
+        cls, u_index: Tensor, v_index: Tensor, mass: Tensor, *, n: int | None = None, m: int | None = None
+    ) -> Coupling:
+        self = super().__new__(cls, u_index, v_index, mass)
+        self.n = None if n is None else _size(n, "n")
+        self.m = None if m is None else _size(m, "m")
+        return self
+
+    def to_dense(self, n: int | None = None, m: int | None = None) -> Tensor:
+        """The plan as a dense ``[..., n, m]`` matrix (the layout of POT's ``ot.emd``).
+
+        Args:
+            n: the size of ``u``; ``None`` takes the size the plan remembers. A size
+                that differs from the remembered one raises ``ValueError`` (so swapped
+                sizes cannot give a wrong plan), and so does one that an index exceeds.
+            m: likewise for ``v``.
+        """
+        sizes = []
+        for given, known, name, index in ((n, self.n, "n", self.u_index), (m, self.m, "m", self.v_index)):
+            if given is None and known is None:
+                raise ValueError(f"{name} is needed: this plan was built by hand and does not know its sizes")
+            size = known if given is None else _size(given, name)
+            if known is not None and size != known:
+                raise ValueError(
+                    f"{name}={size} but the plan was made for n={self.n}, m={self.m} "
+                    "(to_dense takes the size of u, then the size of v)"
+                )
+            if index.numel() and int(index.max()) >= size:
+                raise ValueError(f"{name}={size} is too small for this plan: an index is {int(index.max())}")
+            sizes.append(size)
+        n, m = sizes
         batch = self.mass.shape[:-1]
         dense = torch.zeros((*batch, n * m), dtype=self.mass.dtype, device=self.mass.device)
         flat = self.u_index * m + self.v_index
@@ -88,8 +131,12 @@ def quantile_coupling(
         validate_args: check values and weights (NaN/Inf, negativity); ``None`` uses
             :func:`otloss.get_validate_args`.
 
+    Weights are divided by their row's largest entry before any cast or cumulative
+    sum, so huge finite weights (``1e38`` in float32, ``1e300`` float64 weights with
+    float32 values) give the same plan as moderate ones.
+
     Returns:
-        A :class:`Coupling`. For 1-D inputs zero-mass entries are dropped, so equal-size
+        A :class:`Coupling` that knows ``n`` and ``m``. For 1-D inputs zero-mass entries are dropped, so equal-size
         uniform inputs give exactly ``n`` pairs ``(argsort(u)[i], argsort(v)[i], 1/n)``.
         For batched inputs every row has ``n + m - 1`` entries, zero-mass ones included.
         ``mass`` is differentiable in the weights; the plan's cost
@@ -107,4 +154,4 @@ def quantile_coupling(
     if u.dim() == 1:
         keep = mass > 0
         u_index, v_index, mass = u_index[keep], v_index[keep], mass[keep]
-    return Coupling(u_index, v_index, mass)
+    return Coupling(u_index, v_index, mass, n=u.shape[-1], m=v.shape[-1])
