@@ -1,48 +1,96 @@
-# The few verbs people type. `make test` creates .venv on a fresh machine,
-# installs what the suite needs and runs it.
+# The few verbs people type. `make test` creates .venv on a fresh machine, installs the locked
+# environment and runs the suite.
+#
+# requirements/lock.txt is the one place where versions are chosen (Python 3.11, x86-64 Linux,
+# CPU torch, every extra). `make lock` regenerates it from pyproject.toml and requirements/lock.in.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-TORCH_VERSION ?= 2.13.0
-CONSTRAINTS := $(VENV)/constraints.txt
-STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt
+PIP_TOOLS_VERSION := 7.6.2
+EXTRAS := triton soft pot trl lightning test bench docs demo lint
+# torch goes in first, at the locked version, so that nothing pulls a CUDA build of a newer release.
+TORCH_PIN = $(shell grep -E '^torch==' $(LOCK) | cut -d' ' -f1)
 # torchsort builds a CUDA extension whenever nvcc is on PATH; build it CPU-only.
 NO_NVCC_PATH := $(shell nv=$$(command -v nvcc 2>/dev/null); if [ -n "$$nv" ]; then echo "$$PATH" | tr ':' '\n' | grep -vxF "$$(dirname $$nv)" | paste -sd: -; else echo "$$PATH"; fi)
+PIP_QUIET ?= --quiet
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: test test-fast lint format install bench clean demo
+.PHONY: test test-fast test-latest lint format install install-demo lock bench docs docs-build clean demo
 
-$(STAMP): pyproject.toml Makefile
+# $(1): stamp file, $(2): extras to install from the lock.
+define install_locked
+	@echo "== installing $(2) from $(LOCK) into $(VENV) (first run only)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet torch==$(TORCH_VERSION)
-	echo "torch==$(TORCH_VERSION)" > $(CONSTRAINTS)
-	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[dev]"
-	PATH="$(NO_NVCC_PATH)" $(PIP) install --quiet -c $(CONSTRAINTS) --no-build-isolation "torchsort>=0.1.9"
-	touch $(STAMP)
+	$(PIP) install $(PIP_QUIET) "$(TORCH_PIN)"
+	$(PIP) install $(PIP_QUIET) -c $(LOCK) setuptools wheel
+	PATH="$(NO_NVCC_PATH)" $(PIP) install $(PIP_QUIET) -c $(LOCK) --no-build-isolation -e ".[$(2)]"
+	$(PY) requirements/check_lock.py $(LOCK)
+	touch $(1)
+endef
 
-install: $(STAMP)
+$(VENV)/.installed: $(LOCK) pyproject.toml Makefile requirements/check_lock.py
+	$(call install_locked,$@,dev)
 
-test: $(STAMP)
+$(VENV)/.installed-demo: $(LOCK) pyproject.toml Makefile requirements/check_lock.py
+	$(call install_locked,$@,demo)
+
+install: $(VENV)/.installed
+
+install-demo: $(VENV)/.installed-demo
+
+test: $(VENV)/.installed
 	$(PY) -m pytest
+	$(VENV)/bin/mkdocs build --strict --quiet
 
-test-fast: $(STAMP)
+test-fast: $(VENV)/.installed
 	$(PY) -m pytest -m "not slow" -x -q
 
-lint: $(STAMP)
+# Not in CI: the newest release of every dependency (torch stays at the locked CPU build), in a
+# throwaway environment, so that upstream drift is found on purpose.
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/pip install $(PIP_QUIET) "$(TORCH_PIN)" setuptools wheel
+	echo "$(TORCH_PIN)" > .venv-latest/constraints.txt
+	PATH="$(NO_NVCC_PATH)" .venv-latest/bin/pip install $(PIP_QUIET) --upgrade --upgrade-strategy eager \
+		-c .venv-latest/constraints.txt --no-build-isolation -e ".[dev]"
+	.venv-latest/bin/pip list --format=freeze > .venv-latest/versions.txt
+	.venv-latest/bin/python -m pytest -p no:cacheprovider
+
+# Regenerate the lock. Versions are chosen here and nowhere else.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install $(PIP_QUIET) "$$(grep -E '^torch==' requirements/lock.in)" "pip-tools==$(PIP_TOOLS_VERSION)"
+	PATH="$(NO_NVCC_PATH)" .venv-lock/bin/pip-compile --quiet --upgrade --allow-unsafe --strip-extras \
+		--no-emit-index-url --no-emit-find-links --annotation-style line $(foreach e,$(EXTRAS),--extra $(e)) \
+		--pip-args "--no-build-isolation" -o $(LOCK) pyproject.toml requirements/lock.in
+	rm -rf .venv-lock
+
+lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-format: $(STAMP)
+format: $(VENV)/.installed
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: $(STAMP)
+bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/plot_kernels.py
 	$(PY) benchmarks/summarize_kernels.py --readme README.md
 
-clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+docs: $(VENV)/.installed
+	$(VENV)/bin/mkdocs serve
 
-demo: $(STAMP)
-	$(PY) -m otloss.demo
+docs-build: $(VENV)/.installed
+	$(VENV)/bin/mkdocs build --strict
+
+demo: PIP_QUIET := --progress-bar on
+demo: $(VENV)/.installed-demo
+	$(PY) -m examples.imdb
+
+clean:
+	rm -rf $(VENV) .venv-latest .venv-lock build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

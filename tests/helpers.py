@@ -87,8 +87,8 @@ def _has(module: str) -> bool:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-requires_torchsort = pytest.mark.skipif(not _has("torchsort"), reason="needs torchsort (pip install otloss[soft])")
-requires_pot = pytest.mark.skipif(not _has("ot"), reason="needs POT (pip install otloss[pot])")
+requires_torchsort = pytest.mark.skipif(not _has("torchsort"), reason="needs torchsort (pip install 'torch-otloss[soft]')")
+requires_pot = pytest.mark.skipif(not _has("ot"), reason="needs POT (pip install 'torch-otloss[pot]')")
 
 
 def spawn_world(worker, world: int, outdir: Path) -> list[dict]:
