@@ -10,7 +10,9 @@ from otloss.diagnostics import fsd_report, quantile_function, quantile_margins
 from otloss.distributed import QuantileMemory, all_gather_variable
 from otloss.functional import aot_loss, fsd_violation, ot_h_1d
 from otloss.modules import AOTLoss, FSDViolation, OTLoss
+from otloss.sliced import sliced_ot
 from otloss.sorting import SoftSort, hard_sort, soft_sort, torchsort_available
+from otloss.tokens import PLOTLoss, PLOTOutput, TokenOTLoss, plot_loss, token_ot_loss
 
 __version__ = "0.1.0"
 
@@ -20,8 +22,11 @@ __all__ = [
     "Coupling",
     "FSDViolation",
     "OTLoss",
+    "PLOTLoss",
+    "PLOTOutput",
     "QuantileMemory",
     "SoftSort",
+    "TokenOTLoss",
     "__version__",
     "abs_pow",
     "all_gather_variable",
@@ -35,12 +40,15 @@ __all__ = [
     "least_squares",
     "logistic",
     "ot_h_1d",
+    "plot_loss",
     "quantile_coupling",
     "quantile_function",
     "quantile_margins",
     "set_validate_args",
+    "sliced_ot",
     "soft_sort",
     "squared_hinge",
+    "token_ot_loss",
     "torchsort_available",
     "zero_one",
 ]
