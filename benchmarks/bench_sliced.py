@@ -1,0 +1,306 @@
+"""Sliced optimal transport: ``otloss.sliced_ot`` against POT's ``ot.sliced_wasserstein_distance`` (torch backend).
+
+Both compute the sliced squared Wasserstein-2 cost of two point clouds ``x [n, d]`` and
+``y [m, d]`` over the same ``L`` directions (drawn once per case and given to both, so
+neither times a random draw): otloss returns ``mean_l W_2^2`` (``cost=abs_pow(2)``), POT
+its square root, which costs one scalar op. Before timing, every case checks that the two
+agree (``rel_diff`` column, otloss against POT squared).
+
+Methods:
+
+* ``pot``: ``ot.sliced_wasserstein_distance(x, y, a, b, p=2, projections=P.T)`` on torch
+  tensors (the baseline). For a batch of problems it is called once per problem.
+* ``otloss``: ``otloss.sliced_ot(x, y, abs_pow(2), projections=P, ...)`` with its default
+  value checks (NaN/Inf, weights: host syncs on a GPU).
+* ``otloss_unchecked``: the same with ``validate_args=False``.
+
+Passes: ``fwd`` (the forward with ``x`` and ``y`` requiring grad, as in training) and
+``full`` (forward, then ``torch.autograd.grad`` with respect to ``x`` and ``y``).
+
+Timing is interleaved so that the methods of a case see the same machine load: in each
+of ``--rounds`` rounds every method runs one block of calls (sized to about
+``--block-ms`` milliseconds), and a block's time per call is one sample. Reported: the
+median with the 20th and 80th percentiles over the rounds, in milliseconds; on CUDA each
+block is bracketed by ``torch.cuda.synchronize()``. ``speedup`` is POT's median over the
+method's, from the same run. Rows are appended to ``benchmarks/results/sliced.csv`` with
+the run time, commit, device, dtype and versions::
+
+    python benchmarks/bench_sliced.py                  # CUDA when present, else CPU
+    python benchmarks/bench_sliced.py --quick          # two small cases (a smoke run)
+    python benchmarks/bench_sliced.py --summarize      # Markdown table of the latest run in the CSV
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import otloss
+from otloss.sliced import random_projections, sliced_ot
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "sliced.csv"
+BASELINE = "pot"
+METHODS = ("pot", "otloss", "otloss_unchecked")
+PASSES = ("fwd", "full")
+# (batch, n, m, d, L, weighted); batch 1 is a single problem [n, d]
+CASES_CPU = (
+    (1, 500, 500, 8, 64, False),
+    (1, 2000, 2000, 32, 128, False),
+    (1, 4000, 4000, 32, 256, False),
+    (1, 1500, 1000, 16, 128, True),
+    (16, 250, 250, 8, 64, False),
+)
+CASES_CUDA = (
+    (1, 2000, 2000, 32, 128, False),
+    (1, 8000, 8000, 64, 256, False),
+    (1, 32000, 32000, 128, 1024, False),
+    (1, 1500, 1000, 16, 128, True),
+    (64, 1000, 1000, 32, 256, False),
+)
+QUICK_CASES = ((1, 64, 64, 4, 8, False), (2, 48, 32, 3, 8, True))
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+COLUMNS = [
+    "time", "commit", "device", "torch", "pot", "dtype", "batch", "n", "m", "d", "L", "weighted", "method", "pass",
+    "ms_p50", "ms_p20", "ms_p80", "speedup", "rounds", "rel_diff",
+]  # fmt: skip
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return ""
+
+
+def _commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True)
+    except OSError:
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
+
+
+def _inputs(batch, n, m, d, L, weighted, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    shape = () if batch == 1 else (batch,)
+    x = torch.randn(*shape, n, d, generator=g)
+    y = torch.randn(*shape, m, d, generator=g) * 1.5 + 0.3
+    a = torch.rand(n, generator=g) + 0.1 if weighted else None
+    b = torch.rand(m, generator=g) + 0.1 if weighted else None
+    P = random_projections(L, d, generator=g, dtype=torch.float64)
+    put = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return put(x).requires_grad_(), put(y).requires_grad_(), put(a), put(b), put(P)
+
+
+def _loss_fn(method, x, y, a, b, P) -> Callable[[], torch.Tensor]:
+    h = otloss.abs_pow(2)
+    if method == "pot":
+        import ot
+
+        an = None if a is None else a / a.sum()
+        bn = None if b is None else b / b.sum()
+        Pt = P.T.contiguous()
+        if x.dim() == 2:
+            return lambda: ot.sliced_wasserstein_distance(x, y, an, bn, p=2, projections=Pt)
+        return lambda: torch.stack(
+            [ot.sliced_wasserstein_distance(x[i], y[i], an, bn, p=2, projections=Pt) for i in range(len(x))]
+        ).mean()
+    validate = method != "otloss_unchecked"
+    return lambda: sliced_ot(x, y, h, projections=P, u_weights=a, v_weights=b, validate_args=validate)
+
+
+def _rel_diff(x, y, a, b, P) -> float:
+    """otloss against POT squared, on the case's inputs (both from this run)."""
+    with torch.no_grad():
+        ours = _loss_fn("otloss", x, y, a, b, P)().double()
+        if x.dim() == 2:
+            pot = _loss_fn("pot", x, y, a, b, P)().double() ** 2
+        else:
+            pot = torch.stack([_loss_fn("pot", x[i], y[i], a, b, P)().double() ** 2 for i in range(len(x))]).mean()
+    return float((ours - pot).abs() / pot.abs())
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: str, rounds: int, block_ms: float
+) -> dict[str, tuple[float, float, float]]:
+    """Median, 20th and 80th percentile (ms per call) of each function, its blocks interleaved with the others'."""
+    reps = {}
+    for name, fn in fns.items():  # warm-up, then the number of calls that fills one block
+        fn()
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        one = max(time.perf_counter() - t, 1e-6)
+        reps[name] = max(1, int(block_ms * 1e-3 / one))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            for _ in range(reps[name]):
+                fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - t) / reps[name] * 1e3)
+    return {
+        name: (float(np.median(s)), float(np.percentile(s, 20)), float(np.percentile(s, 80)))
+        for name, s in samples.items()
+    }
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible")
+    if device == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the Triton CPU interpreter is a test path, not one to time")
+    if not _version("ot"):
+        raise SystemExit('POT is not installed (pip install "torch-otloss[pot]"): it is this benchmark\'s baseline')
+    meta = {
+        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": _commit(),
+        "device": _device_name(device), "torch": torch.__version__, "pot": _version("ot"),
+    }  # fmt: skip
+    cases = QUICK_CASES if args.quick else (CASES_CUDA if device == "cuda" else CASES_CPU)
+    results = []
+    for dname in args.dtypes:
+        dtype = DTYPES[dname]
+        for batch, n, m, d, L, weighted in cases:
+            x, y, a, b, P = _inputs(batch, n, m, d, L, weighted, dtype, device)
+            rel = _rel_diff(x, y, a, b, P)
+            limit = 1e-4 if dtype == torch.float32 else 1e-10
+            if not rel <= limit:
+                raise SystemExit(f"otloss and POT disagree on case {(batch, n, m, d, L, weighted)}: rel diff {rel:.3g}")
+            fns = {}
+            for method in METHODS:
+                loss = _loss_fn(method, x, y, a, b, P)
+                fns[(method, "fwd")] = loss
+                fns[(method, "full")] = lambda loss=loss, xy=(x, y): torch.autograd.grad(loss(), xy)
+            timed = time_interleaved(fns, device, args.rounds, args.block_ms)
+            for (method, p), (p50, p20, p80) in timed.items():
+                base = timed[(BASELINE, p)][0]
+                results.append({
+                    **meta, "dtype": dname, "batch": batch, "n": n, "m": m, "d": d, "L": L, "weighted": weighted,
+                    "method": method, "pass": p, "ms_p50": p50, "ms_p20": p20, "ms_p80": p80,
+                    "speedup": base / p50, "rounds": args.rounds, "rel_diff": rel,
+                })  # fmt: skip
+                if p == "full":
+                    print(
+                        f"{dname} batch {batch:3d} n {n:6d} m {m:6d} d {d:4d} L {L:5d} w {int(weighted)} "
+                        f"{method:17s} full {p50:9.3f} ms [{p20:.3f}, {p80:.3f}]  x{base / p50:6.2f} vs {BASELINE}",
+                        flush=True,
+                    )
+    return results
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        for row in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def summarize(path: Path) -> str:
+    """Markdown table of the latest run in the CSV (``full`` pass): POT's and otloss's medians and the speed-up."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise SystemExit(f"{path} holds no rows")
+    latest = rows[-1]["time"]
+    rows = [r for r in rows if r["time"] == latest and r["pass"] == "full"]
+    keys = list(dict.fromkeys((r["dtype"], r["batch"], r["n"], r["m"], r["d"], r["L"], r["weighted"]) for r in rows))
+    lines = [
+        f"{rows[0]['device']}, torch {rows[0]['torch']}, POT {rows[0]['pot']}, commit {rows[0]['commit']}, "
+        f"{latest}; forward + backward, median ms [p20, p80] over {rows[0]['rounds']} interleaved rounds.",
+        "",
+        "| dtype | batch | n | m | d | L | weights | POT | otloss | otloss (unchecked) | speed-up (unchecked) |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for key in keys:
+        by = {
+            r["method"]: r
+            for r in rows
+            if (r["dtype"], r["batch"], r["n"], r["m"], r["d"], r["L"], r["weighted"]) == key
+        }
+
+        def cell(method, by=by):
+            r = by[method]
+            return f"{float(r['ms_p50']):.3g} [{float(r['ms_p20']):.3g}, {float(r['ms_p80']):.3g}]"
+
+        dtype, batch, n, m, d, L, weighted = key
+        lines.append(
+            f"| {dtype} | {batch} | {n} | {m} | {d} | {L} | {'yes' if weighted == 'True' else 'no'} | {cell('pot')} | "
+            f"{cell('otloss')} | {cell('otloss_unchecked')} | "
+            f"{float(by['otloss']['speedup']):.2f}x ({float(by['otloss_unchecked']['speedup']):.2f}x) |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="CSV file to append to (or to summarize)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=sorted(DTYPES))
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per case (samples)")
+    parser.add_argument("--block-ms", type=float, default=30.0, help="target length of one timing block")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--quick", action="store_true", help="two tiny cases (a smoke run)")
+    parser.add_argument("--summarize", action="store_true", help="print the latest run in --out as Markdown")
+    args = parser.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.out))
+        return 0
+    if args.rounds < 5:
+        parser.error("--rounds must be at least 5 for the percentiles to mean something")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    rows = run(args)
+    write_csv(rows, args.out)
+    print(f"{len(rows)} rows appended to {args.out} in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
