@@ -92,6 +92,8 @@ def aot_uv(logps: Sequence[Tensor], paired: bool) -> tuple[Tensor, Tensor]:
     """The loss's ``u`` (pushed to dominate) and ``v`` from ``(policy_chosen, policy_rejected, ref_chosen, ref_rejected)``.
 
     Paired: policy margins and reference margins; unpaired: chosen and rejected log-ratios.
+    The loss builds them itself inside :func:`otloss.aot_loss`; the adapters need them
+    only for the diagnostics and plots.
     """
     pc, pr, rc, rr = logps
     return (pc - pr, rc - rr) if paired else (pc - rc, pr - rr)
@@ -155,9 +157,10 @@ def preference_metrics(
     else:
         out["rewards/accuracies"] = (chosen[:, None] > rejected[None, :]).float().mean().item()
         out["rewards/margins"] = (chosen.mean() - rejected.mean()).item()
-    u, v = (t.float().cpu() for t in aot_uv(logps, paired))
-    if fsd_quantiles is not None and torch.isfinite(u).all() and torch.isfinite(v).all():
-        out.update(fsd_report(u, v, fsd_quantiles))
+    if fsd_quantiles is not None:
+        u, v = (t.float().cpu() for t in aot_uv(logps, paired))
+        if torch.isfinite(u).all() and torch.isfinite(v).all():
+            out.update(fsd_report(u, v, fsd_quantiles))
     return out
 
 

@@ -166,6 +166,13 @@ def _ids(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
+def _check_lengths(max_length: int | None, max_prompt_length: int | None) -> None:
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (one prompt and one completion token), got {max_length}")
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be at least 1, got {max_prompt_length}")
+
+
 def tokenize_example(
     tokenizer: Any,
     prompt: str,
@@ -194,10 +201,7 @@ def tokenize_example(
         ValueError: the prompt or the completion tokenises to nothing, or the
             lengths are too small to keep a prompt token and a completion token.
     """
-    if max_length is not None and max_length < 2:
-        raise ValueError(f"max_length must be at least 2 (one prompt and one completion token), got {max_length}")
-    if max_prompt_length is not None and max_prompt_length < 1:
-        raise ValueError(f"max_prompt_length must be at least 1, got {max_prompt_length}")
+    _check_lengths(max_length, max_prompt_length)
     p = _ids(tokenizer, prompt, True)
     c = _ids(tokenizer, completion, False)
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -222,11 +226,8 @@ def tokenize_example(
 
 
 def _pad_id(tokenizer: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
-    return 0
+    ids = (getattr(tokenizer, name, None) for name in ("pad_token_id", "eos_token_id"))
+    return int(next((i for i in ids if i is not None), 0))
 
 
 def _pad(rows: Sequence[list[int]], length: int, value: int) -> Tensor:
@@ -236,10 +237,15 @@ def _pad(rows: Sequence[list[int]], length: int, value: int) -> Tensor:
     return out
 
 
-def _padded_length(longest: int, multiple: int | None) -> int:
-    if multiple:
-        return -(-longest // multiple) * multiple
-    return longest
+def _padded(rows: Sequence[tuple[list[int], list[int]]], multiple: int | None, pad: int) -> dict[str, Tensor]:
+    """``input_ids``, ``attention_mask`` and ``loss_mask`` of ``(ids, mask)`` rows, right-padded to one length."""
+    length = max(len(ids) for ids, _ in rows)
+    length = -(-length // multiple) * multiple if multiple else length
+    return {
+        "input_ids": _pad([ids for ids, _ in rows], length, pad),
+        "attention_mask": _pad([[1] * len(ids) for ids, _ in rows], length, 0),
+        "loss_mask": _pad([mask for _, mask in rows], length, 0),
+    }
 
 
 def _field(example: Mapping[str, Any], key: str, kind: str) -> Any:
@@ -261,10 +267,7 @@ class _CollatorBase:
     def __post_init__(self) -> None:
         if not callable(self.tokenizer):
             raise TypeError("tokenizer must be callable: tokenizer(text, add_special_tokens=...) -> {'input_ids': ...}")
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
-        if self.max_prompt_length is not None and self.max_prompt_length < 1:
-            raise ValueError(f"max_prompt_length must be at least 1, got {self.max_prompt_length}")
+        _check_lengths(self.max_length, self.max_prompt_length)
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be positive, got {self.pad_to_multiple_of}")
 
@@ -309,14 +312,13 @@ class PairedCollator(_CollatorBase):
             prompt = _field(ex, "prompt", "paired")
             chosen.append(self._tok(prompt, _field(ex, "chosen", "paired")))
             rejected.append(self._tok(prompt, _field(ex, "rejected", "paired")))
-        length = _padded_length(max(len(ids) for ids, _ in chosen + rejected), self.pad_to_multiple_of)
-        pad = _pad_id(self.tokenizer)
-        out: dict[str, Tensor] = {}
-        for name, rows in (("chosen", chosen), ("rejected", rejected)):
-            out[f"{name}_input_ids"] = _pad([ids for ids, _ in rows], length, pad)
-            out[f"{name}_attention_mask"] = _pad([[1] * len(ids) for ids, _ in rows], length, 0)
-            out[f"{name}_loss_mask"] = _pad([mask for _, mask in rows], length, 0)
-        return out
+        both = _padded(chosen + rejected, self.pad_to_multiple_of, _pad_id(self.tokenizer))
+        b = len(chosen)
+        return {
+            f"{side}_{k}": v[rows]
+            for k, v in both.items()
+            for side, rows in (("chosen", slice(b)), ("rejected", slice(b, None)))
+        }
 
 
 @dataclass
@@ -344,10 +346,4 @@ class UnpairedCollator(_CollatorBase):
             if label not in (True, False, 0, 1):
                 raise ValueError(f"label must be a bool (or 0/1), got {label!r}")
             labels.append(bool(label))
-        length = _padded_length(max(len(ids) for ids, _ in rows), self.pad_to_multiple_of)
-        return {
-            "input_ids": _pad([ids for ids, _ in rows], length, _pad_id(self.tokenizer)),
-            "attention_mask": _pad([[1] * len(ids) for ids, _ in rows], length, 0),
-            "loss_mask": _pad([mask for _, mask in rows], length, 0),
-            "label": torch.tensor(labels, dtype=torch.bool),
-        }
+        return {**_padded(rows, self.pad_to_multiple_of, _pad_id(self.tokenizer)), "label": torch.tensor(labels)}

@@ -1,7 +1,8 @@
 """PyTorch Lightning adapter: AOT preference alignment of a Hugging Face causal LM.
 
-Needs the ``lightning`` extra (``pip install 'otloss[lightning]'``); importing this
-module without Lightning raises an ``ImportError`` that says so.
+Needs the ``lightning`` extra: ``pip install "torch-otloss[lightning]"`` (or
+``pip install -e ".[lightning]"`` from a checkout); importing this module without
+Lightning raises an ``ImportError`` that says so.
 
 * :class:`AOTAlignmentModule`: a ``LightningModule`` that computes sequence
   log-probabilities of chosen/rejected completions under the policy and the
@@ -23,20 +24,22 @@ from __future__ import annotations
 import importlib.util
 import math
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
+
+from otloss.integrations._common import install_hint
 
 try:
     import lightning.pytorch as pl
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides lightning
     raise ImportError(
         "otloss.integrations.lightning needs PyTorch Lightning, transformers, peft and matplotlib: "
-        "pip install 'otloss[lightning]'"
+        + install_hint("lightning")
     ) from exc
 
 import torch
+from otloss.integrations._common import DEFAULT_BETA, AdapterLoss, aot_uv, gather_logps, preference_metrics
 from otloss.integrations._hf import (
     PairedCollator,
     UnpairedCollator,
@@ -47,10 +50,9 @@ from otloss.integrations._hf import (
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from otloss.diagnostics import DEFAULT_QUANTILES, fsd_report, quantile_function
+from otloss.diagnostics import DEFAULT_QUANTILES, quantile_function
 from otloss.distributed import QuantileMemory
 from otloss.functional import CostArg, SortArg
-from otloss.modules import AOTLoss
 
 __all__ = [
     "AOTAlignmentModule",
@@ -61,25 +63,15 @@ __all__ = [
     "sequence_logps",
 ]
 
-_PAIRED_KEYS = ("chosen_input_ids", "chosen_attention_mask", "chosen_loss_mask")
-_PAIRED_KEYS += tuple(k.replace("chosen", "rejected") for k in _PAIRED_KEYS)
+_LOGP_KEYS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
+_PAIRED_KEYS = tuple(
+    f"{side}_{k}" for side in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "loss_mask")
+)
 _UNPAIRED_KEYS = ("input_ids", "attention_mask", "loss_mask", "label")
 
 
-def _check_backend(backend: object) -> None:
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-
-
-def _check_global_batch(global_batch: object) -> None:
-    if not isinstance(global_batch, bool):
-        raise TypeError(f"global_batch must be a bool, got {type(global_batch).__name__}")
-
-
 def _right_pad(t: Tensor, length: int) -> Tensor:
-    if t.shape[-1] == length:
-        return t
-    return torch.nn.functional.pad(t, (0, length - t.shape[-1]), value=0)
+    return t if t.shape[-1] == length else torch.nn.functional.pad(t, (0, length - t.shape[-1]), value=0)
 
 
 class AOTAlignmentModule(pl.LightningModule):
@@ -95,22 +87,25 @@ class AOTAlignmentModule(pl.LightningModule):
       and ``m`` undesirable samples (``n != m`` allowed); the desirable log-ratios
       ``logp_policy - logp_ref`` are pushed to dominate the undesirable ones.
 
-    Reference model:
+    Reference model: with ``ref_model=None`` and a PEFT policy (``peft.PeftModel`` or
+    a ``transformers`` model with adapters added), the same model with its adapters
+    disabled (module flags only: no second copy, and it holds under FSDP). A given
+    ``ref_model`` is frozen here (``requires_grad_(False)``, always in eval mode); it
+    is a submodule, so strategies move and shard it and checkpoints include it.
 
-    * ``ref_model=None`` and a PEFT policy (``peft.PeftModel`` or a ``transformers``
-      model with adapters added): the reference is the same model with its
-      adapters disabled, so no second copy is held. This switches module flags
-      only, so it also holds when the layers are sharded (FSDP).
-    * ``ref_model`` given: that model, frozen here (``requires_grad_(False)`` and
-      kept in eval mode). It is a submodule, so strategies move and shard it and
-      checkpoints include it.
+    The loss module ``self.loss_fn`` is built once; it follows the module's
+    train/eval mode (the quantile memory of ``accumulate_quantiles`` serves training
+    only).
 
-    Logged (``train/`` per step, ``val/`` per epoch): ``loss``; ``rewards/chosen``
-    and ``rewards/rejected`` (mean log-ratio ``logp_policy - logp_ref``, unscaled
-    by ``beta``), ``rewards/margins`` (their difference) and, when paired,
-    ``rewards/accuracies``; the FSD diagnostics of :func:`otloss.fsd_report` of the
-    loss's ``u`` over ``v`` (``fsd_area``, ``fsd_w1``, ``fsd_w2``,
-    ``quantile_margin_<t>``); ``skipped_batches`` for unpaired batches lacking a class.
+    Logged (``train/`` per step on each rank's batch, ``val/`` per epoch over the
+    validation set of all ranks): ``loss``; ``rewards/chosen``, ``rewards/rejected``
+    (TRL's implicit rewards ``beta * (logp_policy - logp_ref)``, with ``beta`` the
+    loss's, 0.01 when not given), ``rewards/margins``, ``rewards/accuracies`` (paired:
+    fraction of pairs ranked correctly; unpaired: of all (desirable, undesirable)
+    pairs), ``logps/chosen``, ``logps/rejected``; the FSD diagnostics of
+    :func:`otloss.fsd_report` of the loss's ``u`` over ``v`` in log-ratio units
+    (``fsd_area``, ``fsd_w1``, ``fsd_w2``, ``quantile_margin_<t>``);
+    ``skipped_batches`` for unpaired batches lacking a class.
 
     Unpaired batch with no desirable or no undesirable sample: the AOT loss is
     undefined. In a single process ``training_step`` returns ``None`` before any
@@ -128,15 +123,14 @@ class AOTAlignmentModule(pl.LightningModule):
         beta: for a cost given by name; ``None`` means 0.01 (the paper's value).
         label_smoothing: logistic cost only.
         sort: ``"hard"``, ``"soft"`` or an :class:`otloss.SoftSort`.
-        backend: passed to :func:`otloss.aot_loss`: ``"auto"``, ``"torch"`` or
-            ``"triton"`` (the fused kernels, CUDA only).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (the fused kernels, CUDA
+            only), as in :func:`otloss.aot_loss`.
         global_batch: with several processes, all-gather the margins (paired) or
             log-ratios (unpaired) of every rank and sort the global batch (see
             :mod:`otloss.distributed`: the gradient is that of the single-process
             loss on the concatenated batch). In a single process it changes
-            nothing. Unpaired: a rank may then hold no sample of a class; a step is
-            skipped on every rank only when the *global* batch lacks one.
-            ``False``: each rank sorts its own batch.
+            nothing. Unpaired: a step is skipped on every rank only when the
+            *global* batch lacks a class. ``False``: each rank sorts its own batch.
         accumulate_quantiles: with ``Trainer(accumulate_grad_batches > 1)``, sort
             each training micro-batch together with the earlier micro-batches of the
             same optimizer step (:class:`otloss.QuantileMemory`, reset after every
@@ -145,9 +139,7 @@ class AOTAlignmentModule(pl.LightningModule):
             (per completion token).
         optimizer: ``"adamw"`` (``torch.optim.AdamW``) or a callable taking the
             trainable parameters and returning an optimizer.
-        lr: AdamW learning rate (ignored by a callable ``optimizer``).
-        weight_decay: AdamW weight decay (ignored by a callable ``optimizer``).
-        optimizer_kwargs: further AdamW keyword arguments (e.g. ``betas``).
+        lr, weight_decay, optimizer_kwargs: AdamW's (ignored by a callable ``optimizer``).
         lr_scheduler: ``None`` or a callable taking the optimizer and returning a
             scheduler (stepped every optimizer step) or a Lightning
             ``lr_scheduler`` config dict.
@@ -175,7 +167,7 @@ class AOTAlignmentModule(pl.LightningModule):
         beta: float | None = None,
         label_smoothing: float = 0.0,
         sort: SortArg = "hard",
-        backend: Literal["auto", "torch"] = "auto",
+        backend: Literal["auto", "torch", "triton"] = "auto",
         global_batch: bool = False,
         accumulate_quantiles: bool = False,
         logps_reduction: Literal["sum", "mean"] = "sum",
@@ -195,8 +187,6 @@ class AOTAlignmentModule(pl.LightningModule):
             raise TypeError(f"model must be a torch.nn.Module (a causal LM), got {type(model).__name__}")
         if not isinstance(paired, bool):
             raise TypeError(f"paired must be a bool, got {type(paired).__name__}")
-        _check_backend(backend)
-        _check_global_batch(global_batch)
         if not isinstance(accumulate_quantiles, bool):
             raise TypeError(f"accumulate_quantiles must be a bool, got {type(accumulate_quantiles).__name__}")
         if logps_reduction not in ("sum", "mean"):
@@ -234,8 +224,8 @@ class AOTAlignmentModule(pl.LightningModule):
         if ref_model is not None:
             ref_model.requires_grad_(False)
             ref_model.eval()
-        # Built once: validates cost / beta / label_smoothing / sort / backend now.
-        loss_options = dict(
+        # Built once; validates cost / beta / label_smoothing / sort / backend / global_batch now.
+        self.loss_fn = AdapterLoss(
             paired=paired,
             cost=cost,
             beta=beta,
@@ -243,24 +233,13 @@ class AOTAlignmentModule(pl.LightningModule):
             sort=sort,
             validate_args=validate_args,
             backend=backend,
+            global_batch=global_batch,
+            memory=QuantileMemory() if accumulate_quantiles else None,
         )
-        self.loss_fn = AOTLoss(**loss_options)
-        # With global_batch, a second module sorts across ranks; the first serves a single process.
-        self.global_loss_fn = AOTLoss(**loss_options, global_batch=True) if global_batch else None
-        # With accumulate_quantiles, training sorts with the earlier micro-batches of the optimizer step.
-        self._memory = QuantileMemory() if accumulate_quantiles else None
-        self._train_loss_fn, self._train_global_loss_fn = self.loss_fn, self.global_loss_fn
-        if self._memory is not None:
-            self._train_loss_fn = AOTLoss(**loss_options, memory=self._memory)
-            if global_batch:
-                self._train_global_loss_fn = AOTLoss(**loss_options, global_batch=True, memory=self._memory)
         self.paired = paired
-        self.backend = backend
-        self.global_batch = global_batch
+        self.reward_beta = DEFAULT_BETA if beta is None else float(beta)
         self.logps_reduction = logps_reduction
         self._optimizer = optimizer
-        self._lr = float(lr)
-        self._weight_decay = float(weight_decay)
         self._optimizer_kwargs = dict(optimizer_kwargs or {})
         self._lr_scheduler = lr_scheduler
         self.log_fsd = log_fsd
@@ -268,25 +247,21 @@ class AOTAlignmentModule(pl.LightningModule):
         self._fsdp2_modules = None if fsdp2_modules is None else tuple(fsdp2_modules)
         self._fsdp2_kwargs = dict(fsdp2_kwargs or {})
         self._fsdp2_applied = False
-        self.save_hyperparameters(
-            {
-                "paired": paired,
-                "cost": cost if isinstance(cost, str) else repr(cost),
-                "beta": beta,
-                "label_smoothing": label_smoothing,
-                "sort": sort if isinstance(sort, str) else repr(sort),
-                "backend": backend,
-                "global_batch": global_batch,
-                "accumulate_quantiles": accumulate_quantiles,
-                "logps_reduction": logps_reduction,
-                "optimizer": optimizer if isinstance(optimizer, str) else repr(optimizer),
-                "lr": float(lr),
-                "weight_decay": float(weight_decay),
-                "reference": "ref_model" if ref_model is not None else "disabled_adapters",
-            }
+        hparams = dict(paired=paired, cost=cost, beta=beta, label_smoothing=label_smoothing, sort=sort)
+        hparams.update(backend=backend, global_batch=global_batch, accumulate_quantiles=accumulate_quantiles)
+        hparams.update(logps_reduction=logps_reduction, optimizer=optimizer, lr=float(lr))
+        hparams.update(
+            weight_decay=float(weight_decay), reference="disabled_adapters" if ref_model is None else "ref_model"
         )
-        self._val_buffers: dict[str, list[Tensor]] = {}
-        self._val_scores: dict[str, Tensor] | None = None
+        self.save_hyperparameters(
+            {k: v if isinstance(v, (str, bool, int, float, type(None))) else repr(v) for k, v in hparams.items()}
+        )
+        self._val_logps: list[tuple[Tensor, ...]] = []
+        self._val_gathered: tuple[Tensor, ...] | None = None
+
+    @property
+    def _memory(self) -> QuantileMemory | None:
+        return self.loss_fn.memory
 
     # ------------------------------------------------------------------ modes
 
@@ -297,23 +272,12 @@ class AOTAlignmentModule(pl.LightningModule):
             self.ref_model.eval()
         return self
 
-    @contextmanager
-    def _reference(self) -> Iterator[nn.Module]:
-        if self.ref_model is not None:
-            with nullcontext():
-                yield self.ref_model
-        else:
-            with disable_adapters(self.model):
-                yield self.model
-
     # ------------------------------------------------------------------ sharding
 
     def _shard_targets(self, model: nn.Module) -> tuple[str | type[nn.Module], ...]:
         if self._fsdp2_modules is not None:
             return self._fsdp2_modules
-        names: set[str] = set()
-        for sub in model.modules():
-            names.update(getattr(sub, "_no_split_modules", None) or ())
+        names = {name for sub in model.modules() for name in (getattr(sub, "_no_split_modules", None) or ())}
         if not names:
             raise ValueError(
                 f"{type(model).__name__} declares no _no_split_modules: pass fsdp2_modules=[<decoder layer class>] "
@@ -360,9 +324,6 @@ class AOTAlignmentModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ log-probs and loss
 
-    def _logps(self, model: nn.Module, ids: Tensor, attn: Tensor, mask: Tensor) -> Tensor:
-        return sequence_logps(model, ids, attn, mask, reduction=self.logps_reduction)
-
     def _model_inputs(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         keys = _PAIRED_KEYS if self.paired else _UNPAIRED_KEYS
         missing = [k for k in keys if k not in batch]
@@ -375,11 +336,10 @@ class AOTAlignmentModule(pl.LightningModule):
         if not self.paired:
             return batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         length = max(batch["chosen_input_ids"].shape[-1], batch["rejected_input_ids"].shape[-1])
-        parts = []
-        for suffix in ("input_ids", "attention_mask", "loss_mask"):
-            c, r = batch[f"chosen_{suffix}"], batch[f"rejected_{suffix}"]
-            parts.append(torch.cat([_right_pad(c, length), _right_pad(r, length)]))
-        return parts[0], parts[1], parts[2]
+        return tuple(  # type: ignore[return-value]
+            torch.cat([_right_pad(batch[f"chosen_{k}"], length), _right_pad(batch[f"rejected_{k}"], length)])
+            for k in ("input_ids", "attention_mask", "loss_mask")
+        )
 
     def compute_logps(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Sequence log-probabilities of a batch under the policy and the reference.
@@ -396,40 +356,19 @@ class AOTAlignmentModule(pl.LightningModule):
             ``[B]`` each when paired; ``[n]`` and ``[m]`` (the desirable and
             undesirable samples) when unpaired. Float32.
         """
-        ids, attn, mask = self._model_inputs(batch)
-        with torch.no_grad(), self._reference() as ref:
-            ref_lp = self._logps(ref, ids, attn, mask)
-        pol_lp = self._logps(self.model, ids, attn, mask)
+        inputs = self._model_inputs(batch)
+        with torch.no_grad():
+            if self.ref_model is not None:
+                ref = sequence_logps(self.ref_model, *inputs, reduction=self.logps_reduction)
+            else:
+                with disable_adapters(self.model):
+                    ref = sequence_logps(self.model, *inputs, reduction=self.logps_reduction)
+        policy = sequence_logps(self.model, *inputs, reduction=self.logps_reduction)
         if self.paired:
-            b = batch["chosen_input_ids"].shape[0]
-            return {
-                "policy_chosen": pol_lp[:b],
-                "policy_rejected": pol_lp[b:],
-                "ref_chosen": ref_lp[:b],
-                "ref_rejected": ref_lp[b:],
-            }
-        label = batch["label"].to(device=pol_lp.device, dtype=torch.bool)
-        return {
-            "policy_chosen": pol_lp[label],
-            "policy_rejected": pol_lp[~label],
-            "ref_chosen": ref_lp[label],
-            "ref_rejected": ref_lp[~label],
-        }
-
-    def _world(self) -> int:
-        return self.trainer.world_size if self._trainer is not None else 1
-
-    def _global(self) -> bool:
-        """Sort across ranks: ``global_batch`` set and an initialised process group of several ranks."""
-        import torch.distributed as dist
-
-        return (
-            self.global_loss_fn is not None
-            and self._world() > 1
-            and dist.is_available()
-            and dist.is_initialized()
-            and dist.get_world_size() > 1
-        )
+            chosen = torch.arange(policy.shape[0], device=policy.device) < batch["chosen_input_ids"].shape[0]
+        else:
+            chosen = batch["label"].to(device=policy.device, dtype=torch.bool)
+        return dict(zip(_LOGP_KEYS, (policy[chosen], policy[~chosen], ref[chosen], ref[~chosen])))
 
     def _has_both_classes(self, batch: Mapping[str, Tensor]) -> bool:
         """Whether the batch that the loss sorts (local, or global with ``global_batch``) has both classes."""
@@ -438,18 +377,15 @@ class AOTAlignmentModule(pl.LightningModule):
         if "label" not in batch:
             self._model_inputs(batch)  # raises the KeyError
         label = batch["label"].to(torch.bool)
-        counts = torch.stack([label.sum(), (~label).sum()]).to(self.device)
-        if self._global():
-            import torch.distributed as dist
-
-            dist.all_reduce(counts)
-        return bool((counts > 0).all())
+        return self.loss_fn.has_both_classes(int(label.sum()), int((~label).sum()), self.device)
 
     def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor | None, dict[str, Tensor]]:
         """The AOT loss of a batch and the log-probabilities it came from.
 
         With ``global_batch`` and several processes this is a collective (every
-        rank must call it) and the loss is that of the global batch.
+        rank must call it) and the loss is that of the global batch. In training
+        mode with ``accumulate_quantiles`` the sort also sees the earlier
+        micro-batches of the optimizer step.
 
         Returns:
             ``(loss, logps)``: ``loss`` is a scalar, or ``None`` for an unpaired
@@ -460,36 +396,14 @@ class AOTAlignmentModule(pl.LightningModule):
         logps = self.compute_logps(batch)
         if not both:
             return None, logps
-        if self.training and self._memory is not None:
-            loss_fn = self._train_global_loss_fn if self._global() else self._train_loss_fn
-        else:
-            loss_fn = self.global_loss_fn if self._global() else self.loss_fn
-        loss = loss_fn(logps["policy_chosen"], logps["policy_rejected"], logps["ref_chosen"], logps["ref_rejected"])
-        return loss, logps
+        self.loss_fn.train(self.training)
+        return self.loss_fn(*(logps[k] for k in _LOGP_KEYS)), logps
 
-    def _uv(self, logps: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """The loss's ``u`` (must dominate) and ``v``, detached."""
-        pc, pr, rc, rr = (logps[k].detach() for k in ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected"))
-        if self.paired:
-            return pc - pr, rc - rr
-        return pc - rc, pr - rr
-
-    def _stats(self, logps: Mapping[str, Tensor]) -> dict[str, float]:
-        chosen = (logps["policy_chosen"] - logps["ref_chosen"]).detach()
-        rejected = (logps["policy_rejected"] - logps["ref_rejected"]).detach()
-        out: dict[str, float] = {}
-        if chosen.numel():
-            out["rewards/chosen"] = float(chosen.mean())
-        if rejected.numel():
-            out["rewards/rejected"] = float(rejected.mean())
-        if chosen.numel() and rejected.numel():
-            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
-            if self.paired:
-                out["rewards/accuracies"] = float((chosen > rejected).float().mean())
-            if self.log_fsd:
-                u, v = self._uv(logps)
-                out.update(fsd_report(u.float(), v.float(), self.fsd_quantiles))
-        return out
+    def _metrics(self, logps: Sequence[Tensor]) -> dict[str, float]:
+        fsd_quantiles = self.fsd_quantiles if self.log_fsd else None
+        return preference_metrics(
+            logps, beta=self.reward_beta, pairs=self.paired, paired=self.paired, fsd_quantiles=fsd_quantiles
+        )
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -498,17 +412,18 @@ class AOTAlignmentModule(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor | None:
         """One AOT step; returns the loss, or ``None`` to skip (see the class docstring)."""
-        if self._world() == 1 and not self._has_both_classes(batch):
-            self.log("train/skipped_batches", 1.0, on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1)
+        skipped = {"on_step": False, "on_epoch": True, "reduce_fx": "sum", "batch_size": 1}
+        if self.trainer.world_size == 1 and not self._has_both_classes(batch):
+            self.log("train/skipped_batches", 1.0, **skipped)
             return None
-        bs = self._batch_size(batch)
         loss, logps = self.compute_loss(batch)
         if loss is None:
             # keep the DDP/FSDP gradient all-reduce in step: a zero loss through every trainable parameter
-            self.log("train/skipped_batches", 1.0, on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1)
+            self.log("train/skipped_batches", 1.0, **skipped)
             return 0.0 * (logps["policy_chosen"].sum() + logps["policy_rejected"].sum())
+        bs = self._batch_size(batch)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
-        for key, value in self._stats(logps).items():
+        for key, value in self._metrics([logps[k].detach() for k in _LOGP_KEYS]).items():
             self.log(f"train/{key}", value, batch_size=bs)
         return loss
 
@@ -531,36 +446,23 @@ class AOTAlignmentModule(pl.LightningModule):
             self._memory.reset()
 
     def on_validation_epoch_start(self) -> None:
-        self._val_buffers = {}
-        self._val_scores = None
+        self._val_logps, self._val_gathered = [], None
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor | None:
-        """Logs ``val/loss`` (epoch mean over batches) and stores the log-ratios for the epoch-end diagnostics."""
+        """Logs ``val/loss`` (epoch mean over batches) and stores the log-probabilities for the epoch-end diagnostics."""
         loss, logps = self.compute_loss(batch)
         if loss is not None:
             self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=self._batch_size(batch))
-        scores = {
-            "chosen": logps["policy_chosen"] - logps["ref_chosen"],
-            "rejected": logps["policy_rejected"] - logps["ref_rejected"],
-        }
-        if self.paired:
-            scores["policy_margins"] = logps["policy_chosen"] - logps["policy_rejected"]
-            scores["ref_margins"] = logps["ref_chosen"] - logps["ref_rejected"]
-        for key, value in scores.items():
-            self._val_buffers.setdefault(key, []).append(value.detach().float())
+        self._val_logps.append(tuple(logps[k].detach().float() for k in _LOGP_KEYS))
         return loss
 
-    def _gather_1d(self, t: Tensor) -> Tensor:
-        """All-gather a 1-D tensor whose length differs across ranks."""
-        if self._trainer is None or self.trainer.world_size == 1:
-            return t
-        n = torch.tensor([t.numel()], device=t.device)
-        sizes = self.all_gather(n).reshape(-1)
-        longest = int(sizes.max())
-        padded = torch.zeros(longest, dtype=t.dtype, device=t.device)
-        padded[: t.numel()] = t
-        gathered = self.all_gather(padded).reshape(-1, longest)
-        return torch.cat([gathered[r, : int(sizes[r])] for r in range(gathered.shape[0])])
+    def _validation_logps(self) -> tuple[Tensor, ...]:
+        """The epoch's four log-probability tensors, gathered over all ranks (a collective), on CPU; cached."""
+        if self._val_gathered is None:
+            parts = list(zip(*self._val_logps)) or [()] * 4
+            local = [torch.cat(p) if p else torch.zeros(0, device=self.device) for p in parts]
+            self._val_gathered = tuple(t.cpu() for t in gather_logps(local))
+        return self._val_gathered
 
     def validation_scores(self) -> dict[str, Tensor]:
         """The current validation epoch's log-ratios, gathered over all ranks, on CPU.
@@ -574,42 +476,26 @@ class AOTAlignmentModule(pl.LightningModule):
             chosen / desirable and rejected / undesirable samples) and, when paired,
             ``policy_margins`` and ``ref_margins`` (``logp(chosen) - logp(rejected)``).
         """
-        if self._val_scores is None:
-            keys = ("chosen", "rejected") + (("policy_margins", "ref_margins") if self.paired else ())
-            out = {}
-            for key in keys:
-                parts = self._val_buffers.get(key, [])
-                local = torch.cat(parts) if parts else torch.zeros(0, device=self.device)
-                out[key] = self._gather_1d(local.to(self.device)).cpu()
-            self._val_scores = out
-        return self._val_scores
+        logps = self._validation_logps()
+        scores = dict(zip(("chosen", "rejected"), aot_uv(logps, paired=False)))
+        if self.paired:
+            scores.update(zip(("policy_margins", "ref_margins"), aot_uv(logps, paired=True)))
+        return scores
 
     def on_validation_epoch_end(self) -> None:
-        scores = self.validation_scores()
-        if self.paired:
-            u, v = scores["policy_margins"], scores["ref_margins"]
-        else:
-            u, v = scores["chosen"], scores["rejected"]
-        if u.numel() and v.numel():
-            values = {
-                "rewards/chosen": float(scores["chosen"].mean()),
-                "rewards/rejected": float(scores["rejected"].mean()),
-            }
-            values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
-            if self.paired:
-                values["rewards/accuracies"] = float((scores["chosen"] > scores["rejected"]).float().mean())
-            if self.log_fsd:
-                values.update(fsd_report(u, v, self.fsd_quantiles))
-            for key, value in values.items():
+        logps = self._validation_logps()
+        if logps[0].numel() and logps[1].numel():
+            for key, value in self._metrics(logps).items():
                 # computed from the gathered data: the same on every rank
-                self.log(f"val/{key}", value, on_step=False, on_epoch=True, batch_size=int(u.numel()))
-        self._val_buffers = {}
-        self._val_scores = None
+                self.log(f"val/{key}", value, on_step=False, on_epoch=True, batch_size=int(logps[0].numel()))
+        self._val_logps, self._val_gathered = [], None
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self._optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=self._lr, weight_decay=self._weight_decay, **self._optimizer_kwargs)
+            opt = torch.optim.AdamW(
+                params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, **self._optimizer_kwargs
+            )
         else:
             opt = self._optimizer(params)
             if not isinstance(opt, torch.optim.Optimizer):
@@ -809,7 +695,7 @@ class QuantilePlotCallback(pl.Callback):
         try:
             import matplotlib  # noqa: F401
         except ImportError as exc:
-            raise ImportError("QuantilePlotCallback needs matplotlib: pip install 'otloss[lightning]'") from exc
+            raise ImportError("QuantilePlotCallback needs matplotlib: " + install_hint("lightning")) from exc
         self.dirpath = None if dirpath is None else Path(dirpath)
         self.every_n_epochs = every_n_epochs
         self.num_levels = num_levels

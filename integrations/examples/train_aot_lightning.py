@@ -1,5 +1,7 @@
 """Align a causal LM with AOT under PyTorch Lightning.
 
+Install from a checkout with ``pip install -e ".[lightning]"`` (or ``pip install "torch-otloss[lightning]"``).
+
 Offline smoke run (a two-layer model and a word-level tokenizer built in code, a
 toy preference set; well under a minute on a CPU)::
 
@@ -26,8 +28,6 @@ import json
 import random
 from pathlib import Path
 
-import torch
-
 TOY_WORDS = "the a cat dog sat ran on mat log tree is was big small red blue why how".split()
 GOOD_WORDS = "good great yes thanks please happy".split()
 BAD_WORDS = "bad awful no never sad angry".split()
@@ -49,23 +49,10 @@ def tiny_tokenizer():
 
 
 def tiny_model(seed: int = 0):
-    """A two-layer ``LlamaForCausalLM`` whose weights depend only on ``seed``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The tiny two-layer ``LlamaForCausalLM`` of the tests (:func:`otloss.integrations._common.tiny_causal_lm`)."""
+    from otloss.integrations._common import tiny_causal_lm
 
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return tiny_causal_lm(seed)
 
 
 def toy_data(n: int, *, paired: bool = True, seed: int = 0) -> list[dict]:

@@ -1,5 +1,7 @@
 """Align a causal LM with AOT (otloss's TRL adapter).
 
+Install from a checkout with ``pip install -e ".[trl]"`` (or ``pip install "torch-otloss[trl]"``).
+
 The same script trains a tiny local model on CPU and a 7B model on GPUs: every
 ``AOTConfig`` / ``DPOConfig`` / ``TrainingArguments`` option, TRL's ``ModelConfig``
 options (``--use_peft``, ``--lora_r``, ``--dtype``, ``--load_in_4bit``, ...) and a

@@ -8,7 +8,8 @@ Fixtures (all named ``tiny_*``):
 * ``tiny_tokenizer``: a ``PreTrainedTokenizerFast`` with ``<pad>``, ``<s>``, ``</s>``
   and ``<unk>`` special tokens.
 * ``tiny_model_factory``: ``tiny_model_factory(seed=0)`` returns a fresh
-  ``LlamaForCausalLM`` whose weights depend only on ``seed``.
+  ``LlamaForCausalLM`` whose weights depend only on ``seed``: the one tiny model of
+  the tests and the examples, :func:`otloss.integrations._common.tiny_causal_lm`.
 * ``tiny_model``: ``tiny_model_factory(0)``.
 * ``tiny_model_dir``: a directory (one per session) holding ``tiny_model_factory(0)``
   and the tokenizer, loadable with ``from_pretrained``.
@@ -25,7 +26,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 TINY_WORDS = tuple(
     (
@@ -62,22 +62,10 @@ def _build_tokenizer():
 
 
 def _build_model(seed: int):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=TINY_VOCAB_SIZE,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
+    pytest.importorskip("transformers")
+    from otloss.integrations._common import tiny_causal_lm
+
+    model = tiny_causal_lm(seed, vocab_size=TINY_VOCAB_SIZE)
     model.eval()
     return model
 

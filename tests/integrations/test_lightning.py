@@ -129,7 +129,7 @@ def test_missing_lightning_raises_friendly_import_error(monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, "lightning", None)
     monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
-    with pytest.raises(ImportError, match=r"pip install 'otloss\[lightning\]'"):
+    with pytest.raises(ImportError, match=r'pip install "torch-otloss\[lightning\]"'):
         importlib.import_module("otloss.integrations.lightning")
 
 
@@ -275,7 +275,7 @@ def test_global_batch_in_one_process_is_the_local_loss(tok):
     batch = PairedCollator(tok)(_paired_rows())
     local, _ = AOTAlignmentModule(policy, beta=0.5).compute_loss(batch)
     module = AOTAlignmentModule(policy, beta=0.5, global_batch=True)
-    assert module.global_loss_fn is not None and module.global_loss_fn.global_batch is True
+    assert module.loss_fn.global_batch is True and not module.loss_fn.is_global()
     globl, _ = module.compute_loss(batch)  # no process group: the local loss
     assert torch.equal(local, globl)
 
@@ -304,17 +304,7 @@ def test_accumulate_quantiles_sorts_with_the_earlier_micro_batches(tok):
 def test_accumulate_quantiles_resets_after_each_optimizer_step(tmp_path, tok):
     module = AOTAlignmentModule(_lora(ex.tiny_model(0)), beta=0.5, lr=1e-2, accumulate_quantiles=True)
     sizes = []
-
-    class Spy(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *args):
-            sizes.append(module._memory.sizes)
-            return self.inner(*args)
-
-    module._train_loss_fn = Spy(module._train_loss_fn)
+    module.loss_fn.register_forward_pre_hook(lambda loss_fn, args: sizes.append(loss_fn.memory.sizes))
     data = AOTDataModule(tok, ex.toy_data(16, paired=True, seed=0), batch_size=2)
     _trainer(tmp_path, max_steps=3, accumulate_grad_batches=2).fit(module, datamodule=data)
     assert sizes == [(0, 0), (2, 2)] * 3  # two micro-batches of two pairs per optimizer step

@@ -1,0 +1,117 @@
+"""Tests of ``otloss.integrations._common``, what the TRL and Lightning adapters share (no framework needed)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from otloss.integrations._common import (
+    DEFAULT_BETA,
+    AdapterLoss,
+    aot_uv,
+    gather_logps,
+    install_hint,
+    preference_metrics,
+    tiny_causal_lm,
+)
+from tolerances import tol
+
+import otloss
+
+
+def _logps(n: int, m: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(k, generator=g, dtype=torch.float64) for k in (n, m, n, m))
+
+
+def test_memory_is_used_in_training_mode_only():
+    loss_fn = AdapterLoss(paired=False, beta=0.5, memory=otloss.QuantileMemory())
+    first, second = _logps(3, 2, seed=1), _logps(4, 5, seed=2)
+    loss_fn(*first)
+    assert loss_fn.memory.sizes == (3, 2)
+    both = [torch.cat([a, b]) for a, b in zip(first, second)]
+    torch.testing.assert_close(loss_fn(*second), otloss.aot_loss(*both, paired=False, beta=0.5), **tol(torch.float64))
+    assert loss_fn.memory.sizes == (7, 7)
+    loss_fn.eval()  # evaluation neither reads nor extends the memory
+    torch.testing.assert_close(loss_fn(*second), otloss.aot_loss(*second, paired=False, beta=0.5), **tol(torch.float64))
+    assert loss_fn.memory.sizes == (7, 7)
+
+
+def test_global_batch_without_a_process_group_is_the_local_loss():
+    logps = _logps(5, 5)
+    loss_fn = AdapterLoss(beta=0.3, global_batch=True)
+    assert loss_fn.global_batch is True and not loss_fn.is_global()
+    assert torch.equal(loss_fn(*logps), otloss.aot_loss(*logps, beta=0.3))
+    with pytest.raises(RuntimeError, match="process group"):  # the core refuses it: the adapters' leniency is theirs
+        otloss.aot_loss(*logps, beta=0.3, global_batch=True)
+    assert loss_fn.has_both_classes(5, 5, "cpu") and not loss_fn.has_both_classes(5, 0, "cpu")
+
+
+def test_options_checked_at_construction():
+    with pytest.raises(ValueError, match="backend must be 'auto', 'torch' or 'triton', got 'cuda'"):
+        AdapterLoss(backend="cuda")
+    with pytest.raises(TypeError, match="global_batch must be a bool, got str"):
+        AdapterLoss(global_batch="yes")
+    with pytest.raises(ValueError, match="cost must be one of"):
+        AdapterLoss(cost="zero_one")
+    assert AdapterLoss(backend="triton").backend == "triton"  # checked when it runs, as in the core
+
+
+def test_preference_metrics_are_beta_scaled_rewards_as_in_trl():
+    pc, pr, rc, rr = (torch.tensor(v) for v in ([1.0, 2.0], [0.0, 3.0], [0.5, 0.5], [0.5, 0.5]))
+    beta = 0.1
+    paired = preference_metrics((pc, pr, rc, rr), beta=beta, pairs=True, paired=True, fsd_quantiles=None)
+    assert paired["rewards/chosen"] == pytest.approx(beta * 1.0)  # mean of beta * (pc - rc) = 0.1 * (0.5 + 1.5) / 2
+    assert paired["rewards/rejected"] == pytest.approx(beta * 1.0)
+    assert paired["rewards/accuracies"] == 0.5  # pair 0 ranked right, pair 1 wrong
+    assert paired["rewards/margins"] == pytest.approx(0.0, abs=1e-7)  # float32 inputs
+    assert paired["logps/chosen"] == pytest.approx(1.5) and paired["logps/rejected"] == pytest.approx(1.5)
+    assert not any(k.startswith(("fsd", "quantile")) for k in paired)
+    # unpaired rows: every (desirable, undesirable) pair counts
+    pc, rc = torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3)
+    pr, rr = torch.tensor([1.5]), torch.zeros(1)
+    unpaired = preference_metrics((pc, pr, rc, rr), beta=1.0, pairs=False, paired=False, fsd_quantiles=(0.5,))
+    assert unpaired["rewards/accuracies"] == pytest.approx(2 / 3)
+    assert unpaired["rewards/margins"] == pytest.approx(2.0 - 1.5)
+    u, v = aot_uv((pc, pr, rc, rr), paired=False)
+    assert unpaired == {**unpaired, **otloss.fsd_report(u, v, (0.5,))}
+    # one class missing: only that side's keys
+    empty = torch.zeros(0)
+    assert set(preference_metrics((pc, empty, rc, empty), beta=1.0, pairs=False, paired=False)) == {
+        "rewards/chosen",
+        "logps/chosen",
+    }
+    # non-finite values: rewards still logged, FSD diagnostics left out
+    inf = preference_metrics((pc, pr, rc, rr * float("inf")), beta=1.0, pairs=False, paired=False, fsd_quantiles=(0.5,))
+    assert "rewards/accuracies" in inf and "fsd_area" not in inf
+
+
+def test_aot_uv_matches_the_loss_inputs():
+    logps = _logps(4, 4)
+    for paired in (True, False):
+        u, v = aot_uv(logps, paired)
+        h = otloss.get_cost("logistic", beta=DEFAULT_BETA)
+        torch.testing.assert_close(
+            otloss.aot_loss(*logps, paired=paired), otloss.ot_h_1d(u, v, h), **tol(torch.float64)
+        )
+
+
+def test_gather_logps_in_one_process_is_detached_identity():
+    logps = tuple(t.requires_grad_() for t in _logps(3, 2))
+    gathered = gather_logps(logps)
+    assert all(not g.requires_grad and torch.equal(g, t) for g, t in zip(gathered, logps))
+
+
+def test_install_hint_names_this_project():
+    hint = install_hint("trl")
+    assert 'pip install "torch-otloss[trl]"' in hint and 'pip install -e ".[trl]"' in hint
+    assert not re.search(r"pip install ['\"]?otloss", hint)
+
+
+def test_tiny_causal_lm_depends_only_on_the_seed():
+    pytest.importorskip("transformers")
+    a, b, c = tiny_causal_lm(0), tiny_causal_lm(0), tiny_causal_lm(1)
+    assert a.config.num_hidden_layers == 2 and a.config.vocab_size == 64
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
