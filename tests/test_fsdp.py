@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers import spawn_world
+from otloss.integrations._common import tiny_causal_lm
 
 import otloss
 
@@ -52,19 +53,7 @@ CASES = {
 
 def _model() -> torch.nn.Module:
     """The tiny Llama with LoRA on all linear projections (random A and B, so policy != reference)."""
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(config)
+    base = tiny_causal_lm(0, vocab_size=VOCAB)  # the tiny Llama of every integration test
     lora = peft.LoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS, init_lora_weights=False, bias="none"
     )
