@@ -5,23 +5,33 @@ back to the element it came from, i.e. the permutation is held fixed, which is
 the rule the AOT paper prescribes.
 
 Soft sort (:func:`soft_sort`) is the regularised sort of Blondel et al. (2020),
-"Fast Differentiable Sorting and Ranking": the projection of ``rho / eps``
-(``rho = (n, ..., 1)``) onto the permutahedron of the values, solved exactly by
-isotonic regression with pool-adjacent-violators (PAV). The built-in backend is
-plain PyTorch plus a PAV pass in Python (no compile step); ``backend="torchsort"``
-uses the torchsort package when it is installed. Both compute the same function.
+"Fast Differentiable Sorting and Ranking" (arXiv 2002.08871): the projection of
+``rho / eps`` (``rho = (n, ..., 1)``) onto the permutahedron of the values.
 
-What ``regularization_strength`` (``eps``) means, for ``regularization="l2"``:
-the soft sort of a row equals its hard sort exactly whenever every gap between
-consecutive sorted values is at most ``1 / eps``. Runs of values whose gaps are
+For ``regularization="l2"`` the projection has a simple form. With ``xs`` the row
+sorted ascending, the soft sort ``y`` is the Euclidean projection of ``xs`` onto
+``{y : y[i+1] - y[i] <= 1 / eps}``: the closest vector whose consecutive gaps are
+at most ``1 / eps``. It equals the hard sort exactly whenever every gap between
+consecutive sorted values is below ``1 / eps``. Runs of values whose gaps are
 larger are pooled: inside a pooled block the outputs keep the block's mean and are
 spaced exactly ``1 / eps`` apart. So ``eps`` is in units of 1 / (your values):
 ``eps -> 0`` is the hard sort, ``eps -> inf`` maps every value to the row mean.
 For log-ratios of order 1 the paper's ``eps = 0.1`` is close to a hard sort;
 ``eps = 1`` already pools neighbours more than 1 apart.
+
+The built-in l2 backend finds the blocks by pool-adjacent-violators run on all
+rows at once with tensor operations, never a Python loop over rows or elements.
+Every pooling decision compares block means in the scale-free form
+``eps * (mean_right - mean_left) >= (size_left + size_right) / 2``, in float64,
+and each output is ``block_mean + offset / eps`` from exact block sums (nothing
+of size ``n / eps`` is added to a value and subtracted again), so a float32 result
+is the float64 result rounded once, for every ``eps > 0``.
+
 ``regularization="kl"`` is the entropic variant (values pooled through a
 log-sum-exp instead of a mean; as ``eps -> inf`` a row tends to the constant
-``log(n) - logsumexp(-x)``, a soft minimum).
+``log(n) - logsumexp(-x)``, a soft minimum); it still runs its PAV pass as a
+Python loop per row on the CPU. ``backend="torchsort"`` uses the torchsort package
+when it is installed; both backends compute the same function.
 """
 
 from __future__ import annotations
@@ -33,7 +43,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from otloss._validation import check_values_tensor
+from otloss._reference import functorch_active, sort_with_index
+from otloss._validation import check_finite, check_values_tensor, compute_dtype, resolve_validate
 
 __all__ = ["SoftSort", "hard_sort", "soft_sort", "torchsort_available"]
 
@@ -137,20 +148,287 @@ def _segment_reduce(vals: Tensor, ids: Tensor, op: str) -> Tensor:
     return out.reshape(vals.shape)
 
 
-def _soft_sort_builtin(x: Tensor, eps: float, regularization: str) -> Tensor:
+def _soft_sort_kl(x: Tensor, eps: float) -> Tensor:
+    """Entropic soft sort: PAV pass in Python per row (on the CPU, float64), then differentiable segment reductions."""
     n = x.shape[-1]
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(x.dtype)
     xs, _ = torch.sort(x.to(dtype), dim=-1)
-    ids = _segment_ids(xs, eps, regularization)
+    ids = _segment_ids(xs, eps, "kl")
     rho = torch.arange(n, 0, -1, dtype=dtype, device=x.device) / eps
     rho = rho.expand_as(xs)
-    if regularization == "l2":
-        # out_i = mean_B(x) + (mean_B(rho) - rho_i), with rho already divided by eps
-        out = _segment_reduce(xs, ids, "mean") + _segment_reduce(rho, ids, "mean") - rho
-    else:
-        # out_i = -(rho_i - lse_B(rho) + lse_B(-x))
-        out = _segment_reduce(rho, ids, "lse") - rho - _segment_reduce(-xs, ids, "lse")
+    # out_i = -(rho_i - lse_B(rho) + lse_B(-x))
+    out = _segment_reduce(rho, ids, "lse") - rho - _segment_reduce(-xs, ids, "lse")
     return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# l2 soft sort: pool-adjacent-violators on all rows at once, with tensor operations.
+#
+# For a sorted row xs and delta = 1 / eps, the soft sort is y = v + i * delta where v is the
+# non-increasing isotonic regression of g_i = xs_i - i * delta. PAV pools adjacent blocks A
+# (left) and B (right) while mean_A(g) <= mean_B(g), which for adjacent blocks reads
+#     eps * (mean_B(xs) - mean_A(xs)) >= (|A| + |B|) / 2,
+# a comparison of block means of the values themselves: no term of size n / eps ever meets a
+# value, so nothing cancels and nothing overflows for any eps > 0. Pooling any adjacent
+# violating pair of a partition whose blocks each lie inside a final block keeps that
+# property (the pair lies in one final block), so violating pairs may be pooled in any order
+# and in parallel; the result is the unique PAV solution.
+# ---------------------------------------------------------------------------------------------
+
+
+def _violates(m_left: Tensor, n_left: Tensor, m_right: Tensor, n_right: Tensor, eps: float) -> Tensor:
+    """Whether adjacent blocks (means, sizes) violate: ``eps * (m_right - m_left) >= (n_left + n_right) / 2``.
+
+    Halves first so that the difference of two values near the float64 maximum stays finite;
+    ``eps`` multiplies when it is at most 1 and divides the other side when larger, so
+    neither side overflows.
+    """
+    half_gap = m_right * 0.5 - m_left * 0.5
+    quarter = (n_left + n_right) * 0.25
+    if eps <= 1.0:
+        return half_gap * eps >= quarter
+    return half_gap >= quarter / eps
+
+
+def _pool(link: Tensor, s: Tensor, c: Tensor, start: Tensor, row: Tensor) -> tuple[Tensor, ...]:
+    """Pool the blocks joined by ``link`` (``link[j]``: block j with block j + 1); returns the new blocks.
+
+    ``s``, ``c``: block sums and sizes (float64); ``start``: first position of each block in its
+    row; ``row``: its row. The last output marks the blocks that grew.
+    """
+    first = torch.ones(s.shape, dtype=torch.bool, device=s.device)
+    first[1:] = ~link
+    gid = torch.cumsum(first, 0) - 1
+    keep = first.nonzero().squeeze(1)
+    g = keep.numel()
+    s2 = s.new_zeros(g).index_add_(0, gid, s)
+    c2 = c.new_zeros(g).index_add_(0, gid, c)
+    return s2, c2, start.index_select(0, keep), row.index_select(0, keep), c2 != c.index_select(0, keep)
+
+
+def _extend(s: Tensor, c: Tensor, row: Tensor, grown: Tensor, eps: float) -> Tensor | None:
+    """Links that pool each grown block with the stable neighbours PAV would pool it with.
+
+    Between two grown blocks of a row no adjacent pair violates (a "stable" stretch). A grown
+    block B pooling leftwards into such a stretch keeps violating up to some count k and never
+    again after (the pooled mean only rises while the next neighbour's mean is higher still), so
+    the largest k is found by binary lifting over power-of-two window sums (sums of sums, no
+    prefix-sum cancellation). The same to the right. Each step pools an adjacent violating pair,
+    hence is exact, and so is pooling the two sides' results together. All work but the window
+    sums is on the grown blocks only.
+    """
+    m = s.numel()
+    f = grown.nonzero().squeeze(1)
+    if f.numel() == 0:
+        return None
+    rf = row.index_select(0, f)
+    # first and one-past-last block index of each grown block's row (row is sorted)
+    row_lo = torch.searchsorted(row, rf)
+    row_hi = torch.searchsorted(row, rf, right=True)
+    prev = torch.cat([f.new_full((1,), -1), f[:-1]])
+    nxt = torch.cat([f[1:], f.new_full((1,), m)])
+    lim_left = f - torch.maximum(prev + 1, row_lo)
+    lim_right = torch.minimum(nxt, row_hi) - f - 1
+    top = int(torch.maximum(lim_left, lim_right).max())
+    if top <= 0:
+        return None
+    levels = top.bit_length()
+    # win_*[l][i]: sum over blocks i .. i + 2**l - 1, for the i where that window fits in the array
+    # (a window that does not fit crosses a row end and is never used: its index is clamped)
+    win_s, win_c = [s], [c]
+    for lev in range(1, levels):
+        h = 1 << (lev - 1)
+        win_s.append(win_s[-1][:-h] + win_s[-1][h:])
+        win_c.append(win_c[-1][:-h] + win_c[-1][h:])
+    mean = s / c
+    reach = []
+    for left, lim in ((True, lim_left), (False, lim_right)):
+        k = torch.zeros_like(f)  # neighbours pooled so far
+        ks = torch.zeros(f.shape, dtype=s.dtype, device=s.device)  # sum and size of B with them
+        kc = torch.zeros(f.shape, dtype=s.dtype, device=s.device)
+        for lev in reversed(range(levels)):
+            kp = k + (1 << lev)
+            ok = kp <= lim
+            last = win_s[lev].numel() - 1
+            if left:  # candidate: blocks f-kp+1 .. f pooled, against neighbour f-kp
+                w = (f - kp + 1).clamp(0, last)
+                nb = torch.where(ok, f - kp, f)
+            else:  # candidate: blocks f .. f+kp-1 pooled, against neighbour f+kp
+                w = (f + k).clamp(0, last)
+                nb = torch.where(ok, f + kp, f)
+            cs = ks + win_s[lev].index_select(0, w)
+            cc = kc + win_c[lev].index_select(0, w)
+            mn, cn = mean.index_select(0, nb), c.index_select(0, nb)
+            if left:
+                ok &= _violates(mn, cn, cs / cc, cc, eps)
+            else:
+                ok &= _violates(cs / cc, cc, mn, cn, eps)
+            k = torch.where(ok, kp, k)
+            ks = torch.where(ok, cs, ks)
+            kc = torch.where(ok, cc, kc)
+        reach.append(k)
+    mark = torch.zeros(m + 1, dtype=torch.int64, device=s.device)
+    mark.index_add_(0, f - reach[0], torch.ones_like(f))
+    mark.index_add_(0, f + reach[1], -torch.ones_like(f))
+    link = torch.cumsum(mark[: m - 1], 0) > 0
+    return link if bool(link.any()) else None
+
+
+def _l2_blocks(xs: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """PAV blocks of the l2 soft sort of every row of ``xs [rows, n]`` (sorted, finite, float64).
+
+    Returns the blocks in order over all rows: sums, sizes (float64), rows and first positions
+    in their rows. A round pools every run of violating neighbours and, from the second round
+    on, extends each grown block over its stable neighbours (:func:`_extend`), so that a
+    cascade of poolings takes a few rounds, not one per element; rounds repeat until no pair
+    violates.
+    A round is a fixed number of tensor operations over all rows at once, whatever their number.
+    """
+    rows, n = xs.shape
+    dev = xs.device
+    s = xs.reshape(-1)
+    c = torch.ones_like(s)
+    start = torch.arange(n, device=dev).repeat(rows)
+    row = torch.arange(rows, device=dev).unsqueeze(1).expand(rows, n).reshape(-1)
+    rounds = 0
+    while True:
+        mean = s / c
+        viol = _violates(mean[:-1], c[:-1], mean[1:], c[1:], eps) & (row[1:] == row[:-1])
+        if not bool(viol.any()):
+            return s, c, row, start
+        s, c, start, row, grown = _pool(viol, s, c, start, row)
+        rounds += 1
+        if rounds > _EXTEND_AFTER:  # pooling cascades: extend grown blocks at once rather than one neighbour a round
+            link = _extend(s, c, row, grown, eps)
+            if link is not None:
+                s, c, start, row, _ = _pool(link, s, c, start, row)
+
+
+#: rounds of plain pooling before grown blocks are also extended over their stable neighbours
+_EXTEND_AFTER = 2
+
+#: float64 inputs beyond this magnitude are scaled by 2**-64 (exactly) before pooling, so block sums stay finite
+_F64_RESCALE_ABOVE = 2.0**1000
+
+
+class _L2SoftSort(torch.autograd.Function):
+    """l2 soft sort of the last dimension of a float32/float64 tensor.
+
+    Outputs ``(y, perm, start, size)``: the soft sort, the sorting permutation, and for every
+    sorted position the first position and the size of its pooled block (``[..., 0]`` when no
+    row pools anything; size 0 marks a row that held NaN or Inf). Only ``y`` is differentiable;
+    its Jacobian averages over each block, so the backward is a block mean of the upstream
+    gradient scattered back through the permutation.
+    """
+
+    @staticmethod
+    def forward(
+        x: Tensor, eps: float, check: bool, xs: Tensor | None = None, perm: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # xs, perm: the sort of x when the caller has it already (and found that some block pools)
+        n = x.shape[-1]
+        if xs is None or perm is None:
+            xs, perm = sort_with_index(x)
+            if _no_pooling(xs, eps, x, check):
+                none = torch.empty((*x.shape[:-1], 0), dtype=torch.int64, device=x.device)
+                return xs, perm, none, none.to(torch.float64)
+        else:
+            perm = perm.view_as(perm)  # an input returned as an output must be a view
+        rows = x.numel() // n
+        v = xs.reshape(rows, n).to(torch.float64)
+        bad = ~torch.isfinite(v).all(dim=1)
+        any_bad = bool(bad.any())
+        if any_bad:
+            v = v.masked_fill(bad.unsqueeze(1), 0.0)
+        scale = 1.0
+        if x.dtype == torch.float64 and float(v.abs().max()) > _F64_RESCALE_ABOVE:
+            scale = 2.0**64  # y(x) = scale * y(x / scale) with eps * scale: exact powers of two
+            v = v / scale
+        e = eps * scale
+        s, c, row, start = _l2_blocks(v, e)
+        # block of every position: a 1 at each block's first position, summed up
+        heads = torch.zeros(rows * n, dtype=torch.int64, device=x.device)
+        heads.index_fill_(0, row * n + start, 1)
+        bid = torch.cumsum(heads, 0) - 1
+        size = c.index_select(0, bid)
+        first = start.index_select(0, bid)
+        offset = torch.arange(n, dtype=torch.float64, device=x.device).repeat(rows) - first - (size - 1) * 0.5
+        y = (s / c).index_select(0, bid) + offset / e  # offset is 0 for a block of one: y is the value itself
+        if scale != 1.0:
+            y = y * scale
+        y = y.reshape(rows, n)
+        size = size.reshape(rows, n)
+        if any_bad:
+            y = y.masked_fill(bad.unsqueeze(1), math.nan)
+            size = size.masked_fill(bad.unsqueeze(1), 0.0)
+        return y.to(x.dtype).reshape(xs.shape), perm, first.reshape(xs.shape), size.reshape(xs.shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, perm, first, size = output
+        ctx.mark_non_differentiable(perm, first, size)
+        ctx.save_for_backward(perm, first, size)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        perm, first, size = ctx.saved_tensors
+        if first.shape[-1] == 0:
+            grad_sorted = grad_y
+        else:
+            n = grad_y.shape[-1]
+            g = grad_y.to(torch.float64).reshape(-1, n)
+            rows = g.shape[0]
+            ids = (torch.arange(rows, device=g.device).unsqueeze(1) * n + first.reshape(rows, n)).reshape(-1)
+            sums = torch.zeros(rows * n, dtype=torch.float64, device=g.device).index_add(0, ids, g.reshape(-1))
+            sz = size.reshape(-1)
+            mean = torch.where(sz > 0, sums.index_select(0, ids) / sz.clamp_min(1.0), math.nan)
+            grad_sorted = mean.reshape(grad_y.shape).to(grad_y.dtype)
+        return torch.zeros_like(grad_sorted).scatter(-1, perm, grad_sorted), None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x: Tensor, eps: float, check: bool, xs: Tensor | None = None, perm: Tensor | None = None):
+        # Every leading dimension is already a batch of rows: move the mapped one to the front.
+        # (Under torch.func the caller never passes a precomputed sort.)
+        if in_dims[0] is None:
+            return _L2SoftSort.apply(x, eps, check), (None, None, None, None)
+        return _L2SoftSort.apply(x.movedim(in_dims[0], 0), eps, check), (0, 0, 0, 0)
+
+
+def _no_pooling(xs: Tensor, eps: float, x: Tensor, check: bool) -> bool:
+    """Whether no block of the sorted rows ``xs`` pools, so the soft sort is ``xs`` itself.
+
+    True when no gap reaches ``1 / eps`` with a margin for the rounding of the gaps (the
+    general path decides the near misses exactly). A NaN or Inf anywhere makes some gap NaN
+    or Inf, which fails the test, so the test doubles as the finiteness check of ``x`` when
+    ``check`` is set: one reduction over the gaps, one host read.
+    """
+    if xs.shape[-1] == 1:
+        if check:
+            check_finite(x, "x")
+        return True
+    top = float((xs[..., 1:] - xs[..., :-1]).max())
+    if top * eps * (1.0 + 2.0**-20) < 1.0:
+        return True
+    if check and not math.isfinite(top):
+        check_finite(x, "x")  # raises unless only a gap between two finite values overflowed
+    return False
+
+
+def _soft_sort_l2(x: Tensor, eps: float, check: bool) -> Tensor:
+    """l2 soft sort in the compute dtype; ``check``: raise on NaN/Inf (tested on real tensors, inside the node).
+
+    When no block pools (the common case for small ``eps``), the result is the sort itself and
+    its gradient the sort's own (permutation held fixed), with no custom node. Under
+    ``torch.func`` transforms the whole computation goes through :class:`_L2SoftSort`, whose
+    ``vmap`` rule maps over rows.
+    """
+    xc = x.to(compute_dtype(x.dtype))
+    if functorch_active():
+        return _L2SoftSort.apply(xc, eps, check)[0].to(x.dtype)
+    xs, perm = sort_with_index(xc)
+    if _no_pooling(xs.detach(), eps, xc, check):
+        return xs.to(x.dtype)
+    return _L2SoftSort.apply(xc, eps, False, xs.detach(), perm)[0].to(x.dtype)
 
 
 def _soft_sort_torchsort(x: Tensor, eps: float, regularization: str) -> Tensor:
@@ -168,24 +446,47 @@ def soft_sort(
     regularization_strength: float = 0.1,
     regularization: Literal["l2", "kl"] = "l2",
     backend: Literal["otloss", "torchsort"] = "otloss",
+    *,
+    validate_args: bool | None = None,
 ) -> Tensor:
     """Differentiable soft sort (ascending) along the last dimension.
 
+    For ``regularization="l2"`` the result is the projection of the sorted row onto
+    the vectors whose consecutive gaps are at most ``1 / eps`` (see the module
+    docstring): exactly the hard sort when no gap of the sorted row reaches
+    ``1 / eps``, the row mean as ``eps -> inf``.
+
     Args:
-        x: values ``[..., n]``, floating point. bfloat16/float16 are computed in
-            float32 and returned in the input dtype.
-        regularization_strength: ``eps > 0``; see the module docstring for what it
-            means for your values. ``0.1`` is the value of the AOT paper's code.
+        x: values ``[..., n]``, floating point; every leading dimension is a batch
+            of independent rows. float32 and float64 are computed in float64
+            internally for the l2 built-in backend and returned in their dtype (a
+            float32 result is the float64 result rounded once); bfloat16/float16
+            are computed in float32 and returned in the input dtype.
+        regularization_strength: ``eps > 0``, in units of 1 / (your values); any
+            finite positive value is honoured, down to subnormal ones (which give
+            the hard sort). ``0.1`` is the value of the AOT paper's code.
         regularization: ``"l2"`` (quadratic) or ``"kl"`` (entropic).
         backend: ``"otloss"`` (built in, no compile step) or ``"torchsort"``
-            (requires the optional package: ``pip install otloss[soft]``).
+            (requires the optional package: ``pip install "torch-otloss[soft]"``).
+        validate_args: scan ``x`` for NaN/Inf and raise ``ValueError`` naming
+            ``x``. ``None`` (the default) follows :func:`otloss.set_validate_args`.
+            With the check off, the l2 built-in backend returns NaN for every
+            position of a row (of length >= 2) that holds a NaN or an Inf, and a
+            NaN gradient for that row; other rows are unaffected.
 
     Returns:
         A tensor of the shape and dtype of ``x``, non-decreasing along the last
-        dimension, differentiable in ``x``.
+        dimension, differentiable in ``x`` (also under ``torch.func.grad`` and
+        ``torch.func.vmap`` for the l2 built-in backend).
+
+    Raises:
+        TypeError: ``x`` is not a floating-point tensor, or ``regularization_strength``
+            is not a number.
+        ValueError: ``x`` is empty or 0-dimensional, ``regularization_strength`` is
+            not finite and positive, an unknown ``regularization`` or ``backend``,
+            or (with checks on) ``x`` holds NaN or Inf.
     """
-    check_values_tensor(x, "x")
-    return SoftSort(regularization_strength, regularization, backend)(x)
+    return SoftSort(regularization_strength, regularization, backend)(x, validate_args=validate_args)
 
 
 @dataclass(frozen=True)
@@ -193,7 +494,8 @@ class SoftSort:
     """A soft-sort configuration that can be passed as ``sort=`` to the otloss losses.
 
     ``sort="soft"`` means ``SoftSort()``: l2 regularisation with strength 0.1, the
-    AOT paper's setting. See :func:`soft_sort` for the arguments.
+    AOT paper's setting. See :func:`soft_sort` for the arguments; calling the object
+    on ``x`` is ``soft_sort(x, ...)`` with its settings.
     """
 
     regularization_strength: float = 0.1
@@ -212,12 +514,19 @@ class SoftSort:
             raise ValueError(f"backend must be 'otloss' or 'torchsort', got {self.backend!r}")
         if self.backend == "torchsort" and not torchsort_available():
             raise ImportError(
-                "SoftSort(backend='torchsort') needs the torchsort package: pip install 'otloss[soft]' "
+                "SoftSort(backend='torchsort') needs the torchsort package: pip install 'torch-otloss[soft]' "
                 "(or use backend='otloss', which needs no compile step)"
             )
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, *, validate_args: bool | None = None) -> Tensor:
+        """Soft sort of ``x [..., n]`` along the last dimension; see :func:`soft_sort`."""
+        check_values_tensor(x, "x")
+        check = resolve_validate(validate_args)
         eps = float(self.regularization_strength)
+        if self.backend == "otloss" and self.regularization == "l2":
+            return _soft_sort_l2(x, eps, check)
+        if check:
+            check_finite(x, "x")
         if self.backend == "torchsort":
             return _soft_sort_torchsort(x, eps, self.regularization)
-        return _soft_sort_builtin(x, eps, self.regularization)
+        return _soft_sort_kl(x, eps)
