@@ -14,6 +14,9 @@ if not torch.cuda.is_available():
     # Triton kernels run on the CPU interpreter; must be set before any kernel module is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib.util
+
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -53,3 +56,31 @@ def _speed_up_interpreted_sort() -> None:
 
 
 _speed_up_interpreted_sort()
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+# The skip markers, defined once: marker -> (available here?, how to get it). Registered in pyproject.toml
+# (--strict-markers); a GPU run is a marker expression over this same suite (`-m requires_cuda`).
+_REQUIREMENTS = {
+    "requires_cuda": (torch.cuda.is_available, "needs a CUDA device"),
+    "requires_triton": (lambda: _has("triton"), "needs triton (pip install 'torch-otloss[triton]')"),
+    "requires_torchsort": (lambda: _has("torchsort"), "needs torchsort (pip install 'torch-otloss[soft]')"),
+    "requires_pot": (lambda: _has("ot"), "needs POT (pip install 'torch-otloss[pot]')"),
+    "requires_trl": (lambda: _has("trl") and _has("peft"), "needs trl (pip install 'torch-otloss[trl]')"),
+    "requires_lightning": (lambda: _has("lightning"), "needs lightning (pip install 'torch-otloss[lightning]')"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    available = {}
+    for item in items:
+        for name, (check, reason) in _REQUIREMENTS.items():
+            if item.get_closest_marker(name) is None:
+                continue
+            if name not in available:
+                available[name] = bool(check())
+            if not available[name]:
+                item.add_marker(pytest.mark.skip(reason=reason))

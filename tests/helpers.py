@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tolerances import tol
 
 import otloss
-from tolerances import tol
 
 
 def np_cost(cost: otloss.Cost, z: np.ndarray) -> np.ndarray:
@@ -78,17 +78,10 @@ def trl_aot_reference(pc, pr, rc, rr, beta, label_smoothing, paired):
 TOL = {dtype: tuple(tol(dtype, "value").values()) for dtype in (torch.float64, torch.float32)}
 
 
-def _has(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
-
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-requires_torchsort = pytest.mark.skipif(not _has("torchsort"), reason="needs torchsort (pip install 'torch-otloss[soft]')")
-requires_pot = pytest.mark.skipif(not _has("ot"), reason="needs POT (pip install 'torch-otloss[pot]')")
+# Skip markers: conftest.py turns each into a skip where its requirement is missing.
+requires_cuda = pytest.mark.requires_cuda
+requires_torchsort = pytest.mark.requires_torchsort
+requires_pot = pytest.mark.requires_pot
 
 
 def spawn_world(worker, world: int, outdir: Path) -> list[dict]:

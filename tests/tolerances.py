@@ -47,7 +47,9 @@ def tol(dtype: torch.dtype, kind: str = "value") -> dict[str, float]:
     try:
         rtol, atol, _ = TOLERANCES[(dtype, kind)]
     except KeyError:
-        raise KeyError(f"no tolerance for ({dtype}, {kind!r}); add a row with its reason to tests/tolerances.py") from None
+        raise KeyError(
+            f"no tolerance for ({dtype}, {kind!r}); add a row with its reason to tests/tolerances.py"
+        ) from None
     return {"rtol": rtol, "atol": atol}
 
 
