@@ -21,7 +21,8 @@ Timing is interleaved so that the methods of a case see the same machine load: i
 of ``--rounds`` rounds every method runs one block of calls (sized to about
 ``--block-ms`` milliseconds), and a block's time per call is one sample. Reported: the
 median with the 20th and 80th percentiles over the rounds, in milliseconds; on CUDA each
-block is bracketed by ``torch.cuda.synchronize()``. ``speedup`` is POT's median over the
+block is bracketed by ``torch.cuda.synchronize()``. ``load_avg`` is the machine's 1-minute
+load average when the case started (other jobs on a shared machine inflate every time). ``speedup`` is POT's median over the
 method's, from the same run. Rows are appended to ``benchmarks/results/sliced.csv`` with
 the run time, commit, device, dtype and versions::
 
@@ -73,7 +74,7 @@ QUICK_CASES = ((1, 64, 64, 4, 8, False), (2, 48, 32, 3, 8, True))
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 COLUMNS = [
     "time", "commit", "device", "torch", "pot", "dtype", "batch", "n", "m", "d", "L", "weighted", "method", "pass",
-    "ms_p50", "ms_p20", "ms_p80", "speedup", "rounds", "rel_diff",
+    "ms_p50", "ms_p20", "ms_p80", "speedup", "rounds", "rel_diff", "load_avg",
 ]  # fmt: skip
 
 
@@ -211,13 +212,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                 loss = _loss_fn(method, x, y, a, b, P)
                 fns[(method, "fwd")] = loss
                 fns[(method, "full")] = lambda loss=loss, xy=(x, y): torch.autograd.grad(loss(), xy)
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
             timed = time_interleaved(fns, device, args.rounds, args.block_ms)
             for (method, p), (p50, p20, p80) in timed.items():
                 base = timed[(BASELINE, p)][0]
                 results.append({
                     **meta, "dtype": dname, "batch": batch, "n": n, "m": m, "d": d, "L": L, "weighted": weighted,
                     "method": method, "pass": p, "ms_p50": p50, "ms_p20": p20, "ms_p80": p80,
-                    "speedup": base / p50, "rounds": args.rounds, "rel_diff": rel,
+                    "speedup": base / p50, "rounds": args.rounds, "rel_diff": rel, "load_avg": load,
                 })  # fmt: skip
                 if p == "full":
                     print(
@@ -239,6 +241,11 @@ def write_csv(rows: list[dict], path: Path) -> None:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
+def _ms(v: str) -> str:
+    x = float(v)
+    return f"{x:.3g}" if x < 1000 else f"{x:.0f}"
+
+
 def summarize(path: Path) -> str:
     """Markdown table of the latest run in the CSV (``full`` pass): POT's and otloss's medians and the speed-up."""
     with open(path, newline="") as f:
@@ -250,9 +257,10 @@ def summarize(path: Path) -> str:
     keys = list(dict.fromkeys((r["dtype"], r["batch"], r["n"], r["m"], r["d"], r["L"], r["weighted"]) for r in rows))
     lines = [
         f"{rows[0]['device']}, torch {rows[0]['torch']}, POT {rows[0]['pot']}, commit {rows[0]['commit']}, "
-        f"{latest}; forward + backward, median ms [p20, p80] over {rows[0]['rounds']} interleaved rounds.",
+        f"{latest}; forward + backward, median ms [p20, p80] over {rows[0]['rounds']} interleaved rounds; "
+        f"1-minute load average {min(float(r['load_avg']) for r in rows):.1f}-{max(float(r['load_avg']) for r in rows):.1f}.",
         "",
-        "| dtype | batch | n | m | d | L | weights | POT | otloss | otloss (unchecked) | speed-up (unchecked) |",
+        "| dtype | batch | n | m | d | L | weights | POT | otloss | otloss unchecked | otloss speed-up (unchecked) |",
         "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for key in keys:
@@ -264,7 +272,7 @@ def summarize(path: Path) -> str:
 
         def cell(method, by=by):
             r = by[method]
-            return f"{float(r['ms_p50']):.3g} [{float(r['ms_p20']):.3g}, {float(r['ms_p80']):.3g}]"
+            return f"{_ms(r['ms_p50'])} [{_ms(r['ms_p20'])}, {_ms(r['ms_p80'])}]"
 
         dtype, batch, n, m, d, L, weighted = key
         lines.append(
