@@ -406,6 +406,19 @@ def test_trainer_refuses_dpo_config_and_bad_data_combinations(
         build(AOTConfig(**_common(tmp_path, paired=False)), tiny_unpaired_rows, tiny_preference_rows)
 
 
+def test_kto_rows_with_a_label_that_is_not_a_bool_are_refused(tmp_path, tiny_model_factory, tiny_tokenizer):
+    rows = [{"prompt": "the cat", "completion": " sat", "label": label} for label in ("yes", "no")]
+    with pytest.raises(ValueError, match=r"'label' must be a bool \(True: desirable\), got .*'yes'"):
+        _aot(
+            tmp_path,
+            tiny_model_factory(0),
+            rows,
+            ref_model=tiny_model_factory(1),
+            tokenizer=tiny_tokenizer,
+            paired=False,
+        )
+
+
 def test_global_batch_in_one_process_is_the_local_loss(
     tmp_path, tiny_model_factory, tiny_tokenizer, tiny_unpaired_rows
 ):
