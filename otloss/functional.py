@@ -264,7 +264,8 @@ def ot_h_1d(
         a, b = check_pair(u, v, u_weights, v_weights, validate, values=False)
         if sorter is not None and (a is not None or b is not None):
             raise ValueError("soft sort needs uniform weights: pass u_weights=None and v_weights=None, or sort='hard'")
-        check_values = _finite_check((u, "u"), (v, "v")) if validate else None
+        # meta tensors carry no values to check (shape inference, deferred initialisation)
+        check_values = _finite_check((u, "u"), (v, "v")) if validate and u.device.type != "meta" else None
         out = _dispatch(u, v, cost, a, b, sorter, reduction, backend, check_values)
     return _nan_unless_valid(out, u, v, a, b) if vmapped else out
 

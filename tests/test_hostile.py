@@ -1,0 +1,455 @@
+"""Hostile inputs (issue 12): huge weights, a rejected micro-batch, torch.func transforms, bad options.
+
+Each test here failed, or gave a plausible wrong number, before the fix it guards.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import pot_value
+from tolerances import tol
+
+import otloss
+from otloss.distributed import QuantileMemory
+
+# ---------------------------------------------------------------------------
+# Item 2: huge finite weights are normalised before any cast or cumulative sum
+# ---------------------------------------------------------------------------
+
+
+def _weighted_problem(dtype=torch.float32):
+    g = torch.Generator().manual_seed(3)
+    u, v = torch.randn(7, generator=g, dtype=dtype), torch.randn(5, generator=g, dtype=dtype)
+    a = torch.rand(7, generator=g, dtype=torch.float64) + 0.1
+    b = torch.rand(5, generator=g, dtype=torch.float64) + 0.1
+    return u, v, a, b
+
+
+@pytest.mark.parametrize(
+    "scale,wdtype",
+    [(1e38, torch.float32), (3e38, torch.float32), (1e300, torch.float64), (1e-300, torch.float64)],
+    ids=["1e38-f32", "3e38-f32", "1e300-f64", "1e-300-f64"],
+)
+def test_huge_weights_give_the_plan_of_moderate_ones(scale, wdtype):
+    u, v, a, b = _weighted_problem()
+    big_a, big_b = (a * scale).to(wdtype), (b * scale).to(wdtype)
+    assert torch.isfinite(big_a).all() and torch.isfinite(big_b).all()
+    for cost in (otloss.hinge(0.0), otloss.abs_pow(1.0), otloss.logistic(1.0)):
+        want = pot_value(u.double().numpy(), v.double().numpy(), cost, a.numpy(), b.numpy())
+        got = otloss.ot_h_1d(u, v, cost, u_weights=big_a, v_weights=big_b)
+        assert math.isfinite(got.item())
+        assert got.item() == pytest.approx(want, **{"rel": 1e-5, "abs": 1e-5})
+    plan = otloss.quantile_coupling(u, v, big_a, big_b).to_dense()
+    ref = otloss.quantile_coupling(u, v, a.float(), b.float()).to_dense()
+    assert torch.isfinite(plan).all()
+    torch.testing.assert_close(plan, ref, **tol(torch.float32))
+    q = otloss.quantile_function(u, [0.0, 0.2, 0.5, 0.8, 1.0], big_a)
+    torch.testing.assert_close(q, otloss.quantile_function(u, [0.0, 0.2, 0.5, 0.8, 1.0], a.float()))
+    m = otloss.quantile_margins(u, v, [0.25, 0.75], u_weights=big_a, v_weights=big_b)
+    assert torch.isfinite(m).all()
+
+
+def test_huge_weights_batched_and_with_gradient():
+    u, v, a, b = _weighted_problem(torch.float64)
+    a2 = torch.stack([a, a * 1e300])
+    b2 = torch.stack([b * 1e300, b])
+    u2 = torch.stack([u, u]).requires_grad_(True)
+    rows = otloss.ot_h_1d(u2, torch.stack([v, v]), otloss.abs_pow(2.0), u_weights=a2, v_weights=b2, reduction="none")
+    torch.testing.assert_close(rows[0], rows[1], **tol(torch.float64))
+    rows.sum().backward()
+    assert torch.isfinite(u2.grad).all()
+    torch.testing.assert_close(u2.grad[0], u2.grad[1], **tol(torch.float64, "grad"))
+
+
+def test_weight_signs_survive_normalisation_under_checks():
+    u, v, a, _ = _weighted_problem()
+    with pytest.raises(ValueError, match="u_weights must be non-negative"):
+        otloss.ot_h_1d(u, v, "abs_pow", u_weights=-a.float())
+
+
+# ---------------------------------------------------------------------------
+# Item 3: a call that raises leaves QuantileMemory exactly as it was
+# ---------------------------------------------------------------------------
+
+
+def _bad_calls():
+    u, v = torch.randn(6), torch.randn(6)
+    nan = u.clone()
+    nan[2] = float("nan")
+    inf = v.clone()
+    inf[0] = float("inf")
+    t = torch.randn(6)
+    return {
+        "nan_u": lambda m: otloss.ot_h_1d(nan, v, "abs_pow", memory=m),
+        "inf_v": lambda m: otloss.ot_h_1d(u, inf, "abs_pow", memory=m),
+        "unknown_cost": lambda m: otloss.ot_h_1d(u, v, "cosine", memory=m),
+        "bad_reduction": lambda m: otloss.ot_h_1d(u, v, "abs_pow", memory=m, reduction="max"),
+        "bad_sort": lambda m: otloss.ot_h_1d(u, v, "abs_pow", memory=m, sort="bubble"),
+        "bad_backend": lambda m: otloss.ot_h_1d(u, v, "abs_pow", memory=m, backend="cuda"),
+        "triton_cannot": lambda m: otloss.ot_h_1d(u[:5], v, "abs_pow", memory=m, backend="triton"),
+        "soft_with_weights": lambda m: otloss.ot_h_1d(u, v, "abs_pow", memory=m, sort="soft", u_weights=torch.ones(6)),
+        "negative_weights": lambda m: otloss.ot_h_1d(u, v, "abs_pow", memory=m, u_weights=-torch.ones(6)),
+        "zero_weights": lambda m: otloss.ot_h_1d(u, v, "abs_pow", memory=m, v_weights=torch.zeros(6)),
+        "weights_appear": lambda m: otloss.ot_h_1d(u, v, "abs_pow", memory=m, u_weights=torch.ones(6)),
+        "dtype_changes": lambda m: otloss.ot_h_1d(u.double(), v.double(), "abs_pow", memory=m),
+        "u_v_dtypes": lambda m: otloss.ot_h_1d(u, v.double(), "abs_pow", memory=m),
+        "leading_dims": lambda m: otloss.ot_h_1d(u.view(2, 3), v.view(3, 2), "abs_pow", memory=m),
+        "int_values": lambda m: otloss.ot_h_1d(torch.arange(6), v, "abs_pow", memory=m),
+        "custom_cost_shape": lambda m: otloss.ot_h_1d(u, v, lambda z: z.sum(), memory=m),
+        "group_without_global": lambda m: otloss.ot_h_1d(u, v, "abs_pow", memory=m, group=object()),
+        "aot_nan_ref": lambda m: otloss.aot_loss(t, t, nan, t, memory=m),
+        "aot_smoothing_hinge": lambda m: otloss.aot_loss(t, t, t, t, memory=m, cost="hinge", label_smoothing=0.1),
+        "aot_shapes": lambda m: otloss.aot_loss(t, t[:3], t, t[:3], memory=m),
+        "module_nan": lambda m: otloss.AOTLoss(memory=m)(t, t, t, nan),
+    }
+
+
+BAD = _bad_calls()
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_a_rejected_call_leaves_the_memory_as_it_was(name):
+    g = torch.Generator().manual_seed(0)
+    first = (torch.randn(6, generator=g), torch.randn(6, generator=g))
+    second = (torch.randn(6, generator=g, requires_grad=True), torch.randn(6, generator=g))
+    memory = QuantileMemory()
+    otloss.ot_h_1d(*first, "abs_pow", memory=memory)
+    before = list(memory._stored)
+    with pytest.raises((TypeError, ValueError)):
+        BAD[name](memory)
+    assert memory.sizes == (6, 6)
+    assert all(x is y for x, y in zip(memory._stored, before))
+    # and the next micro-batch sees exactly the first one, as if the bad call never happened
+    fresh = QuantileMemory()
+    otloss.ot_h_1d(*first, "abs_pow", memory=fresh)
+    assert (
+        otloss.ot_h_1d(*second, "abs_pow", memory=memory).item()
+        == otloss.ot_h_1d(*second, "abs_pow", memory=fresh).item()
+    )
+
+
+def test_extend_checks_its_arguments_before_storing():
+    memory = QuantileMemory()
+    with pytest.raises(TypeError, match=r"u must be a torch.Tensor"):
+        memory.extend([1.0], torch.randn(2))
+    with pytest.raises(ValueError, match="same leading"):
+        memory.extend(torch.randn(2, 3), torch.randn(3, 3))
+    with pytest.raises(ValueError, match="u_weights must have the shape of u"):
+        memory.extend(torch.randn(3), torch.randn(3), torch.ones(4))
+    assert memory.sizes == (0, 0) and memory._stored is None
+
+
+# ---------------------------------------------------------------------------
+# Item 5: torch.func transforms with the default checks
+# ---------------------------------------------------------------------------
+
+
+def test_vmap_with_default_checks_matches_the_batched_call():
+    assert otloss.get_validate_args() is True
+    g = torch.Generator().manual_seed(1)
+    u, v = torch.randn(5, 8, generator=g, dtype=torch.float64), torch.randn(5, 6, generator=g, dtype=torch.float64)
+    for cost in (otloss.logistic(0.5), otloss.hinge(0.1), otloss.abs_pow(2.0)):
+        got = torch.func.vmap(lambda a, b, c=cost: otloss.ot_h_1d(a, b, c))(u, v)
+        torch.testing.assert_close(got, otloss.ot_h_1d(u, v, cost, reduction="none"), **tol(torch.float64))
+    w = torch.rand(5, 8, generator=g, dtype=torch.float64)
+    got = torch.func.vmap(lambda a, b, c: otloss.ot_h_1d(a, b, "abs_pow", u_weights=c))(u, v, w)
+    torch.testing.assert_close(got, otloss.ot_h_1d(u, v, "abs_pow", u_weights=w, reduction="none"))
+    # equal sizes, uniform weights: the fast path's plain-graph twin under vmap
+    got = torch.func.vmap(lambda a, b: otloss.aot_loss(a, b, b, a))(u, u.flip(-1))
+    want = torch.stack([otloss.aot_loss(a, b, b, a) for a, b in zip(u, u.flip(-1))])
+    torch.testing.assert_close(got, want, **tol(torch.float64))
+
+
+def test_vmap_turns_a_failed_check_into_nan_for_that_problem_only():
+    u, v = torch.randn(4, 6), torch.randn(4, 6)
+    u[1, 3] = float("inf")  # logistic(+inf) = 0: without the check this row would look finite
+    v[2, 0] = float("nan")
+    f = torch.func.vmap(lambda a, b: otloss.ot_h_1d(a, b, otloss.logistic(1.0)))
+    rows = f(u, v)
+    assert torch.isnan(rows[1]) and torch.isnan(rows[2])
+    assert torch.isfinite(rows[[0, 3]]).all()
+    # checks off: IEEE arithmetic, as documented (the +inf row is finite)
+    off = torch.func.vmap(lambda a, b: otloss.ot_h_1d(a, b, otloss.logistic(1.0), validate_args=False))(u, v)
+    assert torch.isfinite(off[1]) and torch.isnan(off[2])
+    w = torch.ones(4, 6)
+    w[3] = -1.0
+    rows = torch.func.vmap(lambda a, b, c: otloss.ot_h_1d(a, b, "abs_pow", u_weights=c))(
+        u.nan_to_num(), v.nan_to_num(), w
+    )
+    assert torch.isnan(rows[3]) and torch.isfinite(rows[:3]).all()
+    # an inner batch dimension with reduction="none" is masked row by row
+    rows = torch.func.vmap(lambda a, b: otloss.ot_h_1d(a, b, "abs_pow", reduction="none"))(
+        u.view(2, 2, 6), v.view(2, 2, 6)
+    )
+    assert (
+        rows.shape == (2, 2)
+        and torch.isnan(rows.view(-1)[[1, 2]]).all()
+        and torch.isfinite(rows.view(-1)[[0, 3]]).all()
+    )
+
+
+def test_func_grad_keeps_the_checks_and_matches_autograd():
+    g = torch.Generator().manual_seed(2)
+    u, v = torch.randn(9, generator=g, dtype=torch.float64), torch.randn(9, generator=g, dtype=torch.float64)
+    cost = otloss.logistic(0.7)
+    got = torch.func.grad(lambda a: otloss.ot_h_1d(a, v, cost))(u)
+    uu = u.clone().requires_grad_(True)
+    otloss.ot_h_1d(uu, v, cost).backward()
+    torch.testing.assert_close(got, uu.grad, **tol(torch.float64, "grad"))
+    bad = u.clone()
+    bad[0] = float("nan")
+    with pytest.raises(ValueError, match="u contains non-finite"):
+        torch.func.grad(lambda a: otloss.ot_h_1d(a, v, cost))(bad)
+    # per-example gradients: vmap over grad
+    U = torch.randn(3, 9, generator=g, dtype=torch.float64)
+    per = torch.func.vmap(torch.func.grad(lambda a: otloss.ot_h_1d(a, v, cost)))(U)
+    for i in range(3):
+        torch.testing.assert_close(per[i], torch.func.grad(lambda a: otloss.ot_h_1d(a, v, cost))(U[i]))
+    jac = torch.func.jacrev(lambda a: otloss.ot_h_1d(a, v, cost))(u)
+    torch.testing.assert_close(jac, got)
+
+
+# ---------------------------------------------------------------------------
+# Item 7 and more of each kind
+# ---------------------------------------------------------------------------
+
+
+def test_quantile_margins_refuses_mismatched_leading_shapes_and_names_its_arguments():
+    with pytest.raises(ValueError, match="u and v must have the same leading"):
+        otloss.quantile_margins(torch.randn(2, 4), torch.randn(3, 4))
+    with pytest.raises(ValueError, match="u and v must have the same leading"):
+        otloss.quantile_margins(torch.randn(2, 4), torch.randn(1, 4))  # no silent broadcasting
+    with pytest.raises(ValueError, match="v contains non-finite"):
+        otloss.quantile_margins(torch.randn(4), torch.tensor([1.0, float("nan")]))
+    with pytest.raises(TypeError, match=r"v must be a torch.Tensor"):
+        otloss.quantile_margins(torch.randn(4), [1.0, 2.0])
+    out = otloss.quantile_margins(torch.randn(2, 4), torch.randn(2, 7), 0.5)
+    assert out.shape == (2, 1)
+
+
+@pytest.mark.parametrize(
+    "t,exc,match",
+    [
+        ("0.5", TypeError, "t must be a real number"),
+        (None, TypeError, "t must be a real number"),
+        (0.5j, TypeError, "t must be a real number"),
+        ([0.5j], TypeError, "t must hold real numbers, got complex"),
+        (torch.tensor([0.5 + 0j]), TypeError, "t must be a real dense tensor"),
+        (True, TypeError, "t must be a real number"),
+        ([0.1, "a"], TypeError, "t must hold real numbers, got str"),
+        ([[0.1, 0.5]], TypeError, "t must hold real numbers"),
+        (torch.tensor([[0.1, 0.5]]), ValueError, "t must be a number or 1-D"),
+        ([], ValueError, "at least one level"),
+        ([0.5, float("nan")], ValueError, "t must lie in"),
+        (1.5, ValueError, "t must lie in"),
+    ],
+)
+def test_quantile_function_levels(t, exc, match):
+    with pytest.raises(exc, match=match):
+        otloss.quantile_function(torch.randn(4), t)
+
+
+def test_quantile_function_accepts_numbers_arrays_and_tensors():
+    x = torch.tensor([3.0, 1.0, 2.0, 4.0])
+    want = torch.tensor([2.0])
+    for t in (0.5, np.float32(0.5), [0.5], (0.5,), np.array([0.5]), torch.tensor(0.5), torch.tensor([0.5]).double()):
+        torch.testing.assert_close(otloss.quantile_function(x, t), want)
+
+
+def test_to_dense_refuses_swapped_or_small_sizes():
+    u, v = torch.randn(3), torch.randn(5)
+    c = otloss.quantile_coupling(u, v)
+    assert (c.n, c.m) == (3, 5)
+    dense = c.to_dense()
+    assert dense.shape == (3, 5)
+    torch.testing.assert_close(c.to_dense(3, 5), dense)
+    with pytest.raises(ValueError, match="n=5 but the plan was made for n=3, m=5"):
+        c.to_dense(5, 3)
+    with pytest.raises(TypeError, match="n must be an int"):
+        c.to_dense(3.0, 5)
+    by_hand = otloss.Coupling(c.u_index, c.v_index, c.mass)
+    with pytest.raises(ValueError, match="does not know its sizes"):
+        by_hand.to_dense()
+    with pytest.raises(ValueError, match="m=3 is too small"):
+        by_hand.to_dense(5, 3)
+    torch.testing.assert_close(by_hand.to_dense(3, 5), dense)
+    iu, iv, mass = c  # still a 3-tuple
+    assert iu is c.u_index and iv is c.v_index and mass is c.mass
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: torch.randn(4).to_sparse(), "dense \\(strided\\) tensor, got layout torch.sparse_coo"),
+        (lambda: torch.randn(2, 4).to_sparse_csr(), "dense \\(strided\\) tensor, got layout torch.sparse_csr"),
+        (lambda: torch.randn(4).to(torch.float8_e4m3fn), "got torch.float8_e4m3fn; cast it with .float\\(\\)"),
+        (lambda: torch.randn(4).to(torch.float8_e5m2), "got torch.float8_e5m2"),
+        (lambda: torch.randn(4, dtype=torch.complex64), "floating-point dtype .* got torch.complex64"),
+    ],
+    ids=["coo", "csr", "f8e4m3", "f8e5m2", "complex"],
+)
+def test_sparse_float8_and_complex_inputs_are_refused_everywhere(make, match):
+    x = make()
+    dense = torch.randn(x.shape)
+    calls = [
+        ("u", lambda: otloss.ot_h_1d(x, dense, "abs_pow")),
+        ("v", lambda: otloss.ot_h_1d(dense, x, "abs_pow")),
+        ("u_weights", lambda: otloss.ot_h_1d(dense, dense, "abs_pow", u_weights=x)),
+        ("u", lambda: otloss.quantile_coupling(x, dense)),
+        ("x", lambda: otloss.quantile_function(x, 0.5)),
+        ("policy_chosen_logps", lambda: otloss.aot_loss(x, dense, dense, dense)),
+    ]
+    for name, call in calls:
+        with pytest.raises(TypeError, match=f"{name} must .*{match}"):
+            call()
+    with pytest.raises(TypeError, match=match):
+        QuantileMemory().extend(x, dense)
+
+
+def test_global_batch_refuses_an_object_that_is_not_a_process_group():
+    u = torch.randn(4)
+    for group in ("world", 0, object()):
+        with pytest.raises(TypeError, match=r"group must be a torch.distributed.ProcessGroup or None"):
+            otloss.ot_h_1d(u, u, "abs_pow", global_batch=True, group=group)
+        with pytest.raises(TypeError, match=r"group must be a torch.distributed.ProcessGroup"):
+            otloss.all_gather_variable(u, group)
+        with pytest.raises(TypeError, match=r"group must be a torch.distributed.ProcessGroup"):
+            otloss.AOTLoss(global_batch=True, group=group)
+    with pytest.raises(TypeError, match="global_batch must be a bool"):
+        otloss.ot_h_1d(u, u, "abs_pow", global_batch="yes")
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_all_gather_variable_refuses_a_non_finite_grad_scale(scale):
+    with pytest.raises(ValueError, match="grad_scale must be finite"):
+        otloss.all_gather_variable(torch.randn(3), grad_scale=scale)
+    with pytest.raises(TypeError, match="grad_scale must be a real number"):
+        otloss.all_gather_variable(torch.randn(3), grad_scale="1")
+
+
+@pytest.mark.parametrize(
+    "h,dh,match",
+    [
+        (lambda z: z.sum(), None, r"h must return a floating tensor of the shape of z .* shape \(\)"),
+        (lambda z: z.mean(-1, keepdim=True), None, "shape \\(2, 1\\)"),  # would broadcast in a weighted sum
+        (lambda z: (z < 0).long(), None, "torch.int64"),
+        (lambda z: 1.0, None, "got float"),
+        (lambda z: z.square(), lambda z: 2 * z.sum(), "dh must return"),
+    ],
+)
+def test_a_custom_cost_with_the_wrong_output_shape_raises(h, dh, match):
+    u = torch.randn(2, 5, requires_grad=True)
+    v = torch.randn(2, 5)
+    cost = otloss.Cost(h, dh)
+    with pytest.raises(ValueError, match=match):
+        otloss.ot_h_1d(u, v, cost).backward()
+    if dh is None:  # the quantile-merge path (n != m) calls h only
+        with pytest.raises(ValueError, match=match):
+            otloss.ot_h_1d(u, torch.randn(2, 3), cost).backward()
+
+
+def test_custom_cost_cannot_take_a_built_in_name():
+    # the kernels specialise on built-in costs: a custom h under that name would be replaced by the built-in
+    with pytest.raises(ValueError, match="name 'logistic' belongs to the built-in cost"):
+        otloss.Cost(torch.abs, name="logistic")
+    assert otloss.Cost(torch.abs, name="my_abs").kernel_id is None
+
+
+def test_cost_arguments_hostile_types():
+    assert otloss.logistic(np.float32(0.5)).beta == 0.5
+    assert otloss.hinge(np.int64(1)).beta == 1.0
+    with pytest.raises(TypeError, match=r"beta must be a real number .* got a Tensor"):
+        otloss.logistic(torch.tensor(0.5))
+    with pytest.raises(TypeError, match="beta must be a real number, got bool"):
+        otloss.hinge(True)
+    with pytest.raises(TypeError, match="got the class Logistic; instantiate it"):
+        otloss.ot_h_1d(torch.randn(3), torch.randn(3), otloss.costs.Logistic)
+    with pytest.raises(TypeError, match="beta must be a real number"):
+        otloss.aot_loss(*[torch.randn(3)] * 4, beta="0.1")
+    with pytest.raises(TypeError, match="label_smoothing must be a real number"):
+        otloss.aot_loss(*[torch.randn(3)] * 4, label_smoothing=None)
+
+
+@pytest.mark.parametrize(
+    "build,exc,match",
+    [
+        (lambda: otloss.OTLoss("abs_pow", reduction="max"), ValueError, "reduction must be"),
+        (lambda: otloss.OTLoss("abs_pow", backend="cuda"), ValueError, "backend must be"),
+        (lambda: otloss.OTLoss("abs_pow", sort="bubble"), ValueError, "sort must be"),
+        (lambda: otloss.OTLoss("cosine"), ValueError, "unknown cost"),
+        (lambda: otloss.OTLoss("abs_pow", validate_args="yes"), TypeError, "validate_args must be a bool"),
+        (lambda: otloss.OTLoss("abs_pow", memory=[]), TypeError, "memory must be a QuantileMemory"),
+        (lambda: otloss.OTLoss("abs_pow", group=object()), ValueError, "group is used only with global_batch"),
+        (lambda: otloss.FSDViolation("w3"), ValueError, "measure must be one of"),
+        (lambda: otloss.FSDViolation(3), TypeError, "measure must be a name or a Cost"),
+        (lambda: otloss.FSDViolation(reduction=None), ValueError, "reduction must be"),
+        (lambda: otloss.FSDViolation(backend="gpu"), ValueError, "backend must be"),
+        (lambda: otloss.AOTLoss(reduction="avg"), ValueError, "reduction must be"),
+        (lambda: otloss.AOTLoss(backend="TRITON"), ValueError, "backend must be"),
+        (lambda: otloss.AOTLoss(paired="yes"), TypeError, "paired must be a bool"),
+        (lambda: otloss.AOTLoss(cost="cosine"), ValueError, "cost must be one of"),
+        (lambda: otloss.AOTLoss(cost="hinge", label_smoothing=0.1), ValueError, "label_smoothing applies"),
+        (lambda: otloss.AOTLoss(cost=otloss.hinge(0.1), beta=0.1), ValueError, "beta and label_smoothing"),
+        (lambda: otloss.AOTLoss(global_batch=1), TypeError, "global_batch must be a bool"),
+    ],
+)
+def test_modules_validate_every_option_in_init(build, exc, match):
+    with pytest.raises(exc, match=match):
+        build()
+
+
+def test_numpy_bools_are_accepted_and_other_types_named():
+    try:
+        otloss.set_validate_args(np.bool_(False))
+        assert otloss.get_validate_args() is False
+        otloss.set_validate_args(np.bool_(True))
+        assert otloss.get_validate_args() is True
+    finally:
+        otloss.set_validate_args(True)
+    with pytest.raises(TypeError, match="must be a bool \\(True or False\\), got int 1"):
+        otloss.set_validate_args(1)
+    with pytest.raises(TypeError, match=r"got torch.Tensor"):
+        otloss.set_validate_args(torch.tensor(True))
+    with pytest.raises(TypeError, match=r"validate_args must be a bool or None, got numpy.int64"):
+        otloss.ot_h_1d(torch.randn(3), torch.randn(3), "abs_pow", validate_args=np.int64(1))
+    u = torch.tensor([0.0, float("nan")])
+    assert math.isnan(otloss.ot_h_1d(u, torch.zeros(2), "abs_pow", validate_args=np.bool_(False)).item())
+    t = torch.randn(4)
+    assert otloss.aot_loss(t, t, t, t, paired=np.bool_(False)).isfinite()
+
+
+def test_meta_tensors_shape_inference_with_checks_on():
+    m = torch.empty(3, 5, device="meta", requires_grad=True)
+    out = otloss.ot_h_1d(m, m, "logistic", reduction="none")
+    assert out.shape == (3,) and out.device.type == "meta"
+    w = torch.ones(3, 4, device="meta")
+    assert otloss.ot_h_1d(torch.empty(3, 4, device="meta"), m, "abs_pow", u_weights=w).shape == ()
+    assert otloss.aot_loss(m, m, m, m).shape == ()
+
+
+def test_non_tensor_options_never_compare_elementwise():
+    u = torch.randn(3)
+    with pytest.raises(ValueError, match="sort must be"):
+        otloss.ot_h_1d(u, u, "abs_pow", sort=np.array(["hard", "soft"]))
+    with pytest.raises(ValueError, match="reduction must be"):
+        otloss.ot_h_1d(u, u, "abs_pow", reduction=np.array(["mean"]))
+    with pytest.raises(ValueError, match="backend must be"):
+        otloss.ot_h_1d(u, u, "abs_pow", backend=["torch"])
+
+
+def test_aot_loss_names_the_input_and_lets_overflowing_margins_through():
+    t = torch.randn(4)
+    bad = t.clone()
+    bad[1] = -float("inf")
+    with pytest.raises(ValueError, match="policy_rejected_logps contains non-finite values \\(0 NaN, 1 Inf\\)"):
+        otloss.aot_loss(t, bad, t, t, paired=False)
+    memory = QuantileMemory()
+    with pytest.raises(ValueError, match="ref_chosen_logps contains non-finite"):
+        otloss.aot_loss(t, t, bad, t, memory=memory)
+    assert memory.sizes == (0, 0)
+    big = torch.full((4,), 3e38)
+    assert otloss.aot_loss(big, -big, t * 0, t * 0).item() == 0.0  # +inf margins: logistic gives 0
