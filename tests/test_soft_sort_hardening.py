@@ -1,0 +1,351 @@
+"""The l2 soft sort: exactness in float32, extreme eps and magnitudes, NaN/Inf, transforms, batching.
+
+The oracle is an independent sequential pool-adjacent-violators pass in numpy float64,
+written from Blondel et al. (2020), "Fast Differentiable Sorting and Ranking"
+(arXiv 2002.08871). In the ascending form used here, ``y_i = v_i + i / eps`` with ``v`` the
+non-increasing isotonic regression of ``xs_i - i / eps`` (``xs`` sorted ascending).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import requires_torchsort
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from tolerances import tol
+
+import otloss
+from otloss import sorting
+
+F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def pav_soft_sort(x: np.ndarray, eps: float) -> np.ndarray:
+    """l2 soft sort (ascending) of one row: sequential PAV in float64, block values ``mean(xs) - centre / eps``."""
+    xs = np.sort(np.asarray(x, dtype=np.float64))
+    sums: list[float] = []
+    sizes: list[int] = []
+    starts: list[int] = []
+    for i, value in enumerate(xs):
+        s, c, first = float(value), 1, i
+        while sums:
+            ps, pc, pfirst = sums[-1], sizes[-1], starts[-1]
+            left = ps / pc - (pfirst + (pc - 1) / 2) / eps
+            right = s / c - (first + (c - 1) / 2) / eps
+            if left > right:
+                break
+            sums.pop(), sizes.pop(), starts.pop()
+            s, c, first = s + ps, c + pc, pfirst
+        sums.append(s), sizes.append(c), starts.append(first)
+    out = np.empty(len(xs))
+    for s, c, first in zip(sums, sizes, starts):
+        out[first : first + c] = s / c + (np.arange(c) - (c - 1) / 2) / eps
+    return out
+
+
+def ulp_error(y32: torch.Tensor, y64: torch.Tensor) -> float:
+    """Largest |y32 - y64| in units of the float32 spacing at |y64| (subnormal spacing as the floor)."""
+    spacing = torch.finfo(torch.float32).eps * y64.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    return float(((y32.double() - y64).abs() / spacing).max())
+
+
+rows_strategy = arrays(
+    np.float64,
+    st.tuples(st.integers(1, 3), st.integers(1, 40)),
+    elements=st.one_of(
+        st.floats(-100, 100, width=32),
+        st.sampled_from([0.0, 1.0, -1.0, 2.5]),  # ties
+        st.floats(-(2.0**100), 2.0**100, width=32),
+    ),
+)
+eps_strategy = st.floats(1e-6, 1e6).map(lambda e: float(np.float64(e)))
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+@given(rows_strategy, eps_strategy)
+def test_matches_float64_pav_oracle(x, eps):
+    out = otloss.soft_sort(torch.as_tensor(x), eps)
+    for r in range(x.shape[0]):
+        ref = torch.as_tensor(pav_soft_sort(x[r], eps))
+        scale = float(np.abs(x[r]).max()) + x.shape[1] / eps
+        torch.testing.assert_close(out[r], ref, rtol=0, atol=tol(torch.float64)["atol"] * scale)
+
+
+@given(rows_strategy, eps_strategy)
+def test_float32_is_the_float64_result_rounded_once(x, eps):
+    """Computed internally in float64: a float32 result is within half an ulp of the float64 one."""
+    x32 = torch.as_tensor(x, dtype=torch.float32)
+    y32 = otloss.soft_sort(x32, eps)
+    y64 = otloss.soft_sort(x32.double(), eps)
+    assert torch.equal(y32, y64.float())
+    assert ulp_error(y32, y64) <= 0.5
+
+
+@pytest.mark.parametrize("eps", [0.1, 1.0, 30.0])
+def test_float32_within_an_ulp_of_float64_at_n_1e5(eps):
+    # the old (x + rho) - rho form with rho = n / eps lost ~0.03 here
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(1)) * 10
+    y32 = otloss.soft_sort(x, eps)
+    y64 = otloss.soft_sort(x.double(), eps)
+    assert ulp_error(y32, y64) <= 1.0
+    ref = torch.as_tensor(pav_soft_sort(x.double().numpy(), eps))
+    torch.testing.assert_close(y64, ref, rtol=1e-12, atol=1e-12 * 1e6)
+
+
+def test_acceptance_randn_1000_is_the_hard_sort():
+    # every gap of randn(1000) is far below 1 / 0.1: the soft sort is exactly the hard sort (was off by 5e-4)
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(otloss.soft_sort(x, 0.1), torch.sort(x).values)
+
+
+def test_acceptance_n_1e5_is_the_hard_sort():
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(otloss.soft_sort(x, 0.1), torch.sort(x).values)
+
+
+@pytest.mark.parametrize("eps", [1e-7, 1e-39, 1e-300, 5e-324])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiny_eps_is_the_hard_sort(eps, dtype):
+    # was: values collapsed (1e-7) or NaN (1e-39)
+    g = torch.Generator().manual_seed(2)
+    x = torch.cat([torch.randn(3, 1000, generator=g) * 1e3, torch.full((3, 5), 7.0)], dim=1).to(dtype)
+    out = otloss.soft_sort(x, eps)
+    assert torch.equal(out, torch.sort(x, dim=-1).values)
+
+
+@pytest.mark.parametrize("eps", [1e-39, 1e-38, 1e-30, 0.1, 1.0, 1e30])
+def test_values_near_the_float32_maximum(eps):
+    x = torch.tensor([[F32_MAX, -F32_MAX, 0.5 * F32_MAX, 0.0, -0.9 * F32_MAX], [F32_MAX] * 3 + [-F32_MAX] * 2])
+    y32 = otloss.soft_sort(x, eps)
+    assert torch.isfinite(y32).all()
+    assert (y32.diff(dim=-1) >= 0).all()
+    y64 = otloss.soft_sort(x.double(), eps)
+    assert torch.equal(y32, y64.float())
+    for r in range(2):
+        ref = pav_soft_sort(x[r].double().numpy(), eps)
+        np.testing.assert_allclose(y64[r].numpy(), ref, rtol=1e-12, atol=1e-12 * F32_MAX)
+        # on the permutahedron: the row sum is kept
+        assert float(y64[r].sum()) == pytest.approx(float(x[r].double().sum()), rel=1e-12, abs=1e-12 * F32_MAX)
+
+
+def test_float64_values_near_the_float64_maximum():
+    big = float(torch.finfo(torch.float64).max)
+    x = torch.tensor([big, -big, 0.5 * big, 0.0], dtype=torch.float64)
+    for eps in [1e-300, 1e-308, 1.0]:
+        out = otloss.soft_sort(x, eps)
+        assert torch.isfinite(out).all()
+        ref = pav_soft_sort((x / 2.0**64).numpy(), eps * 2.0**64) * 2.0**64  # the oracle on scaled values
+        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("eps", [1e9, 1e30, 1e300])
+def test_huge_eps_is_the_row_mean(eps):
+    x = torch.randn(4, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    out = otloss.soft_sort(x, eps)
+    torch.testing.assert_close(out, x.mean(-1, keepdim=True).expand_as(x), rtol=0, atol=1e-6)
+
+
+@given(arrays(np.float64, st.integers(2, 30), elements=st.sampled_from([-2.0, 0.0, 0.5, 3.0, 40.0])), eps_strategy)
+def test_ties(x, eps):
+    t = torch.as_tensor(x, dtype=torch.float32)
+    y = otloss.soft_sort(t, eps)
+    torch.testing.assert_close(
+        y.double(), torch.as_tensor(pav_soft_sort(t.double().numpy(), eps)), **tol(torch.float32)
+    )
+    assert (y.diff() >= 0).all()
+    # a row of equal values is returned as it is
+    same = torch.full((9,), float(x[0]))
+    assert torch.equal(otloss.soft_sort(same, eps), same)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.5, 5.0])
+def test_batched_rows_equal_rows_one_by_one(eps):
+    x = torch.randn(3, 4, 33, generator=torch.Generator().manual_seed(4)) * 5
+    out = otloss.soft_sort(x, eps)
+    for i in range(3):
+        for j in range(4):
+            assert torch.equal(out[i, j], otloss.soft_sort(x[i, j], eps))
+
+
+# ----------------------------------------------------------------------------- no loop per row
+
+
+def test_rounds_do_not_grow_with_rows_or_cascades(monkeypatch):
+    """One block search serves all rows, and a long pooling cascade takes a few rounds, not n."""
+    calls = []
+    pool = sorting._pool
+    monkeypatch.setattr(sorting, "_pool", lambda *a: calls.append(1) or pool(*a))
+    cascade = torch.cat([torch.zeros(1, 3000), torch.full((1, 1), 1e6)], dim=1)  # one outlier pools ~half the row
+    cascade = torch.cat([cascade, -cascade.flip(-1)])  # and the mirror image
+    otloss.soft_sort(cascade, 0.1)
+    few = len(calls)
+    assert few <= 8
+    calls.clear()
+    out = otloss.soft_sort(cascade.repeat(256, 1), 0.1)
+    assert len(calls) == few
+    ref = pav_soft_sort(cascade[0].double().numpy(), 0.1)
+    np.testing.assert_allclose(out[0].double().numpy(), ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out[1].double().numpy(), -ref[::-1], rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("eps", [0.3, 3.0])
+def test_gradcheck_float64_with_pooled_blocks(eps):
+    x = (torch.randn(2, 3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 3).requires_grad_()
+    assert (otloss.soft_sort(x, eps) != torch.sort(x, dim=-1).values).any()  # some blocks pool
+    assert torch.autograd.gradcheck(lambda t: otloss.soft_sort(t, eps), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: otloss.soft_sort(t, eps), (x,))
+
+
+def test_gradient_is_the_block_mean_of_a_non_unit_upstream_gradient():
+    x = torch.tensor([0.0, 5.0, 0.3, 9.0, -4.0], dtype=torch.float64, requires_grad=True)
+    eps = 0.5  # sorted [-4, 0, 0.3, 5, 9]: three gaps exceed 1 / eps = 2, so blocks pool
+    y = otloss.soft_sort(x, eps)
+    np.testing.assert_allclose(y.detach().numpy(), pav_soft_sort(x.detach().numpy(), eps), rtol=1e-12)
+    w = torch.tensor([1.0, -2.0, 3.0, 0.5, 7.0], dtype=torch.float64)
+    (3.0 * (y * w).sum()).backward()
+    # finite differences of the oracle along each coordinate
+    fd = np.empty(5)
+    for i in range(5):
+        d = np.zeros(5)
+        d[i] = 1e-6
+        hi = pav_soft_sort(x.detach().numpy() + d, eps)
+        lo = pav_soft_sort(x.detach().numpy() - d, eps)
+        fd[i] = 3.0 * ((hi - lo) / 2e-6 * w.numpy()).sum()
+    np.testing.assert_allclose(x.grad.numpy(), fd, rtol=1e-6, atol=1e-6)
+
+
+@requires_torchsort
+@pytest.mark.parametrize("eps", [1e-3, 0.1, 1.0, 10.0, 100.0])
+def test_value_and_gradient_agree_with_torchsort_float64(eps):
+    import torchsort
+
+    x = (torch.randn(5, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(6)) * 4).requires_grad_()
+    w = torch.randn(5, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    ours = otloss.soft_sort(x, eps)
+    ref = torchsort.soft_sort(x, regularization="l2", regularization_strength=eps)
+    torch.testing.assert_close(ours, ref, **tol(torch.float64))
+    (g1,) = torch.autograd.grad((ours * w).sum(), x)
+    (g2,) = torch.autograd.grad((ref * w).sum(), x)
+    torch.testing.assert_close(g1, g2, **tol(torch.float64, "grad"))
+
+
+@requires_torchsort
+def test_float32_more_exact_than_torchsort_at_n_1e5():
+    import torchsort
+
+    x = torch.randn(1, 100_000, generator=torch.Generator().manual_seed(8)) * 10
+    y64 = otloss.soft_sort(x.double(), 1.0)
+    ours = (otloss.soft_sort(x, 1.0).double() - y64).abs().max()
+    theirs = (torchsort.soft_sort(x, regularization_strength=1.0).double() - y64).abs().max()
+    assert ours <= torch.finfo(torch.float32).eps * y64.abs().max()
+    assert ours < theirs
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_vmap_and_func_grad():
+    x = torch.randn(6, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) * 3
+    w = torch.randn(9, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+
+    def f(row):
+        return otloss.soft_sort(row, 0.7)
+
+    assert torch.equal(torch.func.vmap(f)(x), f(x))
+    assert torch.equal(torch.func.vmap(f, in_dims=1, out_dims=1)(x.T), f(x).T)
+
+    def loss(row):
+        return (otloss.soft_sort(row, 0.7) * w).sum()
+
+    per_row = torch.func.vmap(torch.func.grad(loss))(x)
+    xr = x.clone().requires_grad_()
+    (expected,) = torch.autograd.grad((otloss.soft_sort(xr, 0.7) * w).sum(), xr)
+    torch.testing.assert_close(per_row, expected, **tol(torch.float64, "grad"))
+    torch.testing.assert_close(torch.func.grad(loss)(x[0]), expected[0], **tol(torch.float64, "grad"))
+    jac = torch.func.jacrev(f)(x[0])
+    torch.testing.assert_close(jac.T @ w, expected[0], **tol(torch.float64, "grad"))
+
+
+def test_vmap_raises_on_nan_with_checks_on():
+    x = torch.randn(3, 5)
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="x contains non-finite values"):
+        torch.func.vmap(lambda r: otloss.soft_sort(r, 0.1))(x)
+
+
+# ----------------------------------------------------------------------------- NaN / Inf / dtypes
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("n", [1, 2, 40])
+def test_non_finite_values_raise_naming_x(bad, n):
+    x = torch.randn(3, n)
+    x[1, n // 2] = bad
+    with pytest.raises(ValueError, match=r"x contains non-finite values"):
+        otloss.soft_sort(x, 0.1)
+    with pytest.raises(ValueError, match=r"x contains non-finite values"):
+        otloss.SoftSort(0.1)(x)
+
+
+def test_finite_values_whose_gaps_overflow_are_accepted():
+    x = torch.tensor([F32_MAX, -F32_MAX])  # the float32 gap overflows; the values are finite
+    out = otloss.soft_sort(x, 0.1)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_rows_give_nan_with_checks_off(bad):
+    x = torch.randn(3, 12, generator=torch.Generator().manual_seed(11)) * 5
+    x[1, 4] = bad
+    x.requires_grad_()
+    y = otloss.soft_sort(x, 0.5, validate_args=False)
+    assert torch.isnan(y[1]).all()
+    clean = torch.cat([x[:1], x[2:]]).detach()
+    assert torch.equal(torch.cat([y[:1], y[2:]]), otloss.soft_sort(clean, 0.5))
+    y.sum().backward()
+    assert torch.isnan(x.grad[1]).all()
+    assert torch.isfinite(x.grad[0]).all() and torch.isfinite(x.grad[2]).all()
+    # the global default is honoured the same way
+    otloss.set_validate_args(False)
+    try:
+        assert torch.isnan(otloss.soft_sort(x.detach(), 0.5)[1]).all()
+    finally:
+        otloss.set_validate_args(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("eps", [0.1, 1.0])
+def test_low_precision_is_computed_in_float32(dtype, eps):
+    x = (torch.randn(4, 50, generator=torch.Generator().manual_seed(12)) * 4).to(dtype).requires_grad_()
+    y = otloss.soft_sort(x, eps)
+    assert y.dtype == dtype
+    assert torch.equal(y, otloss.soft_sort(x.detach().float(), eps).to(dtype))
+    y.float().sum().backward()
+    assert x.grad.dtype == dtype
+    assert torch.allclose(x.grad.float(), torch.ones(4, 50))  # the Jacobian's columns sum to one
+
+
+def test_validate_args_type_and_metadata_errors():
+    with pytest.raises(TypeError, match="validate_args"):
+        otloss.soft_sort(torch.randn(3), 0.1, validate_args="no")
+    with pytest.raises(ValueError, match="x must be non-empty"):
+        otloss.soft_sort(torch.randn(2, 0), 0.1)
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor"):
+        otloss.soft_sort([1.0, 2.0], 0.1)
+
+
+@pytest.mark.requires_cuda
+def test_cuda_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(13)) * 3
+    for eps in [0.1, 1.0]:
+        assert torch.equal(otloss.soft_sort(x.cuda(), eps).cpu(), otloss.soft_sort(x, eps))
