@@ -9,16 +9,22 @@ Two pieces, both used by :func:`otloss.ot_h_1d` on every device:
   with NumPy (an order-preserving ``int32`` image of each value in the high half,
   the index in the low half, so a plain sort of the keys is a stable argsort),
   which is several times faster than a stable ``torch.sort`` there.
-* :class:`SortedOT`: ``mean_i h(u_(i) - v_(i))`` per row as one autograd node.
+* :class:`SortedOT`: ``mean_i h(a_(i) - b_(i))`` per row as one autograd node,
+  with ``a = u`` or ``a = u - u2`` (paired AOT's margins, computed inside the node so
+  that the two subtractions add no autograd nodes), and ``b`` likewise.
   The forward evaluates ``h`` and ``h'`` of the sorted differences and scatters
   ``h'/n`` back to each element's original position; the backward multiplies
   these saved gradients by the upstream gradient, without the sort-backward
   graph. The gradient is the one autograd gives with the permutation held fixed;
   double backward (``create_graph=True``) recomputes that graph from the saved
-  inputs and permutations, so ``u`` and ``v`` must not be modified in place before
-  the backward pass. Under ``torch.func`` transforms :func:`otloss.ot_h_1d` builds
-  the plain graph instead (an autograd node without ``setup_context`` is not
-  transformable, and the NumPy sort cannot see functorch's wrapped tensors).
+  inputs and permutations, so the inputs must not be modified in place before
+  the backward pass. Under ``torch.func`` transforms and ``torch.compile``,
+  :func:`otloss.ot_h_1d` builds the plain graph instead (an autograd node without
+  ``setup_context`` is not transformable, the NumPy sort cannot see functorch's
+  wrapped tensors, and the compiler fuses the plain graph itself).
+
+NaN sorts after ``+inf`` (every NaN, in index order), as ``torch.sort`` and the
+kernels order it, so a row holding NaN gives NaN on every path.
 """
 
 from __future__ import annotations
@@ -41,8 +47,11 @@ def float32_order_keys(bits: np.ndarray) -> np.ndarray:
 
     Non-negative floats keep their bits; negative ones flip the magnitude bits and
     move up by one, so ``-0.0`` and ``+0.0`` both map to ``0`` (a tie, as ``==`` says).
+    Every NaN (either sign, any payload) maps to the largest key, after ``+inf``.
     """
-    return np.where(bits < 0, (bits ^ np.int32(0x7FFFFFFF)) + np.int32(1), bits)
+    keys = np.where(bits < 0, (bits ^ np.int32(0x7FFFFFFF)) + np.int32(1), bits)
+    keys[(bits & np.int32(0x7FFFFFFF)) > np.int32(0x7F800000)] = np.int32(0x7FFFFFFF)
+    return keys
 
 
 def _numpy_sort_index(x: Tensor) -> Tensor:
@@ -70,6 +79,7 @@ def sort_with_index(x: Tensor) -> tuple[Tensor, Tensor]:
         and x.shape[-1] > 1
         and x.dtype == torch.float32
         and x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
         and not functorch_active()
     ):
         idx = _numpy_sort_index(x)
@@ -84,37 +94,53 @@ def check_sum(z: Tensor, check_values: Callable[[], None] | None) -> None:
 
 
 class SortedOT(torch.autograd.Function):
-    """Per-row ``mean_i h(u_(i) - v_(i))`` for ``u, v [..., n]`` with ``cost.dh`` given.
+    """Per-row ``mean_i h(a_(i) - b_(i))`` for ``a = u - u2``, ``b = v - v2`` (``None``: ``a = u``).
 
-    ``check_values`` (or ``None``) is run when the sorted differences hold a NaN or Inf.
+    ``SortedOT.apply(u, v, cost, check_values[, u2, v2])``: inputs ``[..., n]`` in the compute
+    dtype, ``cost.dh`` given. ``check_values`` (or ``None``) is run when the sorted differences
+    hold a NaN or Inf.
     """
 
     @staticmethod
-    def forward(ctx, u: Tensor, v: Tensor, cost: Cost, check_values: Callable[[], None] | None) -> Tensor:
-        us, pu = sort_with_index(u)
-        vs, pv = sort_with_index(v)
+    def forward(ctx, u, v, cost: Cost, check_values: Callable[[], None] | None, u2=None, v2=None) -> Tensor:
+        a = u if u2 is None else u - u2
+        b = v if v2 is None else v - v2
+        us, pu = sort_with_index(a)
+        vs, pv = sort_with_index(b)
         z = us - vs
         check_sum(z, check_values)
         h, d = cost.value_and_grad(z, 1.0 / z.shape[-1])  # d = h'(z) / n
         rows = h.mean(dim=-1)
-        gu = torch.empty_like(u).scatter_(-1, pu, d) if ctx.needs_input_grad[0] else None
-        gv = torch.empty_like(v).scatter_(-1, pv, -d) if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(u, v, pu, pv, gu, gv)
+        need = ctx.needs_input_grad
+        need_a = need[0] or (len(need) > 4 and need[4])
+        need_b = need[1] or (len(need) > 5 and need[5])
+        gu = torch.empty_like(a).scatter_(-1, pu, d) if need_a else None
+        gv = torch.empty_like(b).scatter_(-1, pv, d.neg()) if need_b else None
+        ctx.save_for_backward(u, v, u2, v2, pu, pv, gu, gv)
         ctx.cost = cost
         return rows
 
     @staticmethod
     def backward(ctx, grad_rows: Tensor):
-        u, v, pu, pv, gu, gv = ctx.saved_tensors
-        g = grad_rows.unsqueeze(-1)
+        u, v, u2, v2, pu, pv, gu, gv = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        inputs = (u, v, None, None, u2, v2)[: len(need)]
         if torch.is_grad_enabled():  # create_graph=True: rebuild the differentiable graph
-            rows = ctx.cost.h(u.gather(-1, pu) - v.gather(-1, pv)).mean(dim=-1)
-            wrt = [t for t, need in zip((u, v), ctx.needs_input_grad[:2]) if need]
+            a = u if u2 is None else u - u2
+            b = v if v2 is None else v - v2
+            rows = ctx.cost.h(a.gather(-1, pu) - b.gather(-1, pv)).mean(dim=-1)
+            wrt = [t for t, nd in zip(inputs, need) if nd]
             grads = iter(torch.autograd.grad(rows, wrt, grad_rows, create_graph=True))
-            return (
-                (next(grads) if ctx.needs_input_grad[0] else None),
-                (next(grads) if ctx.needs_input_grad[1] else None),
-                None,
-                None,
-            )
-        return (gu * g if gu is not None else None), (gv * g if gv is not None else None), None, None
+            return tuple(next(grads) if nd else None for nd in need)
+        g = grad_rows.unsqueeze(-1)
+        ga = gu * g if gu is not None else None
+        gb = gv * g if gv is not None else None
+        out = (
+            ga if need[0] else None,
+            gb if need[1] else None,
+            None,
+            None,
+            ga.neg() if len(need) > 4 and need[4] else None,
+            gb.neg() if len(need) > 5 and need[5] else None,
+        )
+        return out[: len(need)]

@@ -179,3 +179,114 @@ def test_auto_uses_the_reference_on_cpu(monkeypatch):
     otloss.ot_h_1d(torch.randn(8), torch.randn(8), "abs_pow", backend="auto")
     with pytest.raises(ValueError, match="backend must be"):
         otloss.ot_h_1d(torch.randn(8), torch.randn(8), "abs_pow", backend="cuda")
+
+
+NONFINITE = {
+    "nan": float("nan"),
+    "neg_nan": -float("nan"),
+    "inf": float("inf"),
+    "neg_inf": -float("inf"),
+}
+
+
+@pytest.mark.parametrize("cost", KERNEL_COSTS, ids=ids)
+@pytest.mark.parametrize("value", sorted(NONFINITE))
+def test_nonfinite_rows_without_checks_give_what_the_reference_gives(cost, value):
+    # with validate_args=False, NaN and +-Inf follow IEEE arithmetic on both paths: the kernel's padding
+    # must not outrank NaN or +inf in the sort (it used to, turning such rows into finite numbers)
+    x = NONFINITE[value]
+    for n in (1, 33):
+        u, v = _inputs("random", 4, n, seed=n)
+        u[0, n // 2] = x  # row 0: u only; row 2: v only; row 3: both (inf - inf and inf + inf)
+        v[2, -1] = x
+        u[3, 0], v[3, -1] = x, -x if value.endswith("inf") else x
+        out = {}
+        for backend in ("triton", "torch"):
+            uu, vv = u.clone().requires_grad_(True), v.clone().requires_grad_(True)
+            rows = otloss.ot_h_1d(uu, vv, cost, reduction="none", backend=backend, validate_args=False)
+            rows.sum().backward()
+            out[backend] = (rows.detach(), uu.grad, vv.grad)
+        for a, b in zip(out["triton"], out["torch"]):
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6, equal_nan=True)
+        assert torch.isfinite(out["triton"][0][1]), "a finite row must stay finite"
+        if value.endswith("nan"):
+            assert torch.isnan(out["triton"][0][0])
+
+
+def test_nonfinite_inputs_with_checks_raise_on_the_kernel_path():
+    u, v = _inputs("random", 2, 9)
+    for x in (float("nan"), float("inf")):
+        bad = u.clone()
+        bad[1, 3] = x
+        with pytest.raises(ValueError, match="u contains non-finite"):
+            otloss.ot_h_1d(bad, v, "abs_pow", backend="triton")
+        pc = torch.randn(9, device=DEVICE)
+        with pytest.raises(ValueError, match="ref_rejected_logps"):
+            otloss.aot_loss(pc, pc + 1, pc - 1, bad[1], backend="triton")
+
+
+def test_double_backward_on_the_kernel_path_raises_naming_the_backend():
+    u = torch.randn(2, 8, device=DEVICE, requires_grad=True)
+    v = torch.randn(2, 8, device=DEVICE)
+    loss = otloss.ot_h_1d(u, v, otloss.logistic(0.5), backend="triton")
+    # the saved per-element gradients are constants: a graph of the gradient would have a zero second
+    # derivative, silently wrong, so create_graph=True is refused with the fix
+    with pytest.raises(RuntimeError, match=r"double backward.*backend='torch'"):
+        torch.autograd.grad(loss, u, create_graph=True)
+    ref = otloss.ot_h_1d(u, v, otloss.logistic(0.5), backend="torch")
+    (g,) = torch.autograd.grad(ref, u, create_graph=True)
+    assert g.requires_grad  # the reference path has it
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jacrev"])
+def test_torch_func_under_auto_runs_the_reference_and_explicit_triton_raises(transform, monkeypatch):
+    import otloss.ops
+
+    u, v = torch.randn(3, 8, device=DEVICE), torch.randn(3, 8, device=DEVICE)
+
+    def f(backend):
+        def loss(x):
+            return otloss.ot_h_1d(x, v[0], otloss.squared_hinge(0.1), backend=backend, validate_args=False)
+
+        if transform == "grad":
+            return torch.func.grad(loss)(u[0])
+        if transform == "jacrev":
+            return torch.func.jacrev(loss)(u[0])
+        return torch.func.vmap(loss)(u)
+
+    expected = f("torch")
+    if DEVICE == "cuda":  # auto would pick the kernel outside the transform: it must fall back quietly
+        torch.testing.assert_close(f("auto"), expected)
+    monkeypatch.setattr(otloss.ops, "interpret_mode", lambda: True)
+    otloss.ops._reason.cache_clear()
+    with pytest.raises(ValueError, match=r"backend='triton'.*torch\.func.*backend='torch'"):
+        f("triton")
+    otloss.ops._reason.cache_clear()
+
+
+@pytest.mark.parametrize("cost", KERNEL_COSTS[:3] + KERNEL_COSTS[-2:], ids=ids[:3] + ids[-2:])
+@pytest.mark.parametrize("n", [1, 7, 35, MAX_FUSED_SIZE + 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paired_kernel_takes_the_four_inputs_in_one_launch(cost, n, dtype):
+    from otloss.ops.ot_sort import FusedSortedOT
+
+    g = torch.Generator().manual_seed(n)
+    ins = [(torch.randn(2, n, generator=g) * 3 - 40).to(DEVICE, dtype).requires_grad_(True) for _ in range(4)]
+    pc, pr, rc, rr = ins
+    rows = FusedSortedOT.apply(pc, pr, rc, rr, cost.kernel_id, *_kernel_params(cost), None)
+    (rows * torch.tensor([1.0, -3.0], device=DEVICE)).sum().backward()
+    grads = [t.grad for t in ins]
+    refs = [t.detach().clone().requires_grad_(True) for t in ins]
+    u = refs[0].float() - refs[1].float()
+    v = refs[2].float() - refs[3].float()
+    expected = otloss.ot_h_1d(u, v, cost, reduction="none", backend="torch")
+    (expected * torch.tensor([1.0, -3.0], device=DEVICE)).sum().backward()
+    torch.testing.assert_close(rows, expected, rtol=2e-5, atol=2e-6 * (float(expected.detach().abs().max()) + 1))
+    for got, ref in zip(grads, refs):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, ref.grad, **({"rtol": 2e-5, "atol": 2e-6} if dtype == torch.float32 else {}))
+
+
+def _kernel_params(cost):
+    p = cost.params
+    return float(p.get("beta", 0.0)), float(p.get("label_smoothing", 0.0)), float(p.get("p", 1.0))

@@ -19,6 +19,7 @@ from otloss import _reference
 from otloss._reference import NUMPY_SORT_MIN, sort_with_index
 
 SPECIAL = [0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, 3e38, -3e38, float("inf"), float("-inf"), 2.5, -2.5]
+SPECIAL += [float("nan"), -float("nan")]  # torch.sort puts every NaN last, whatever its sign bit
 
 
 def graph_rows(u, v, cost):
@@ -43,8 +44,8 @@ def test_numpy_keys_sort_like_a_stable_torch_sort(values, rows):
     x = torch.stack([r[torch.randperm(r.numel(), generator=torch.Generator().manual_seed(i))] for i, r in enumerate(x)])
     expected_values, expected_index = torch.sort(x, dim=-1, stable=True)
     index = _reference._numpy_sort_index(x)
-    assert torch.equal(index, expected_index)  # ties (and -0.0 with +0.0) in index order
-    assert torch.equal(x.gather(-1, index), expected_values)
+    assert torch.equal(index, expected_index)  # ties (and -0.0 with +0.0, NaN with NaN) in index order
+    torch.testing.assert_close(x.gather(-1, index), expected_values, rtol=0, atol=0, equal_nan=True)
 
 
 def test_sort_with_index_picks_numpy_for_large_cpu_float32_only(monkeypatch):
@@ -93,6 +94,28 @@ def test_sorted_ot_matches_the_graph_formula(cost, needs, shape):
             assert fast is None
         else:
             torch.testing.assert_close(fast, graph)
+
+
+@pytest.mark.parametrize("cost", [otloss.logistic(0.7), otloss.hinge(0.1), otloss.abs_pow(1.5)], ids=repr)
+@pytest.mark.parametrize("n", [6, NUMPY_SORT_MIN + 1])
+def test_paired_node_subtracts_inside_and_matches_the_graph(cost, n):
+    # SortedOT.apply(u, v, cost, check, u2, v2) is OT_h(u - u2, v - v2): paired AOT's margins in one node
+    g = torch.Generator().manual_seed(n)
+    ins = [torch.randint(-3, 4, (2, n), generator=g).float() * 0.5 for _ in range(4)]  # ties everywhere
+    up = torch.tensor([1.0, -2.5])
+    a = [t.clone().requires_grad_(True) for t in ins]
+    rows = _reference.SortedOT.apply(a[0], a[2], cost, None, a[1], a[3])
+    assert type(rows.grad_fn).__name__ == "SortedOTBackward"
+    (rows * up).sum().backward()
+    b = [t.clone().requires_grad_(True) for t in ins]
+    expected = graph_rows(b[0] - b[1], b[2] - b[3], cost)
+    (expected * up).sum().backward()
+    torch.testing.assert_close(rows, expected.detach())
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad)
+    if n < NUMPY_SORT_MIN:  # double backward, away from ties and kinks; one input without grad
+        c = [torch.randn(2, n, generator=g, dtype=torch.float64).requires_grad_(i != 2) for i in range(4)]
+        torch.autograd.gradgradcheck(lambda p, q, r, s: _reference.SortedOT.apply(p, r, cost, None, q, s), c)
 
 
 def test_sorted_ot_is_one_autograd_node():
