@@ -53,27 +53,61 @@ _CHUNK_ELEMENTS = 1 << 24  # default chunk: about 16M float32 logits (64 MiB) pe
 # --------------------------------------------------------------------------------------------
 
 
-def _gather_rows(logits: Tensor, rows: Tensor, cols: Tensor, cdt: torch.dtype) -> Tensor:
-    """``logits[rows, cols]`` as a ``[c, V]`` tensor in the compute dtype (a copy of this chunk only)."""
-    return logits[rows, cols].to(cdt)
+class _Rows:
+    """The positions ``(rows, cols)`` of a ``[B, T, V]`` tensor as rows of a 2-D view, for fast copies.
 
-
-def _shift_(x: Tensor) -> Tensor:
-    """Shift ``x [c, V]`` in place by its row maximum; return ``log sum exp`` of the shifted rows.
-
-    Then ``x - log_z`` is ``log_softmax`` and ``exp(x) / exp(log_z)`` the softmax. Shifting by the
-    maximum (not by ``logsumexp``) keeps ties among huge logits exact: ``1e30 + log 2`` rounds to
-    ``1e30`` and would give two probabilities of 1.
+    ``index_select`` / ``index_copy_`` of whole rows of a ``[R, V]`` view is several times faster than
+    advanced indexing with two index tensors. The view exists when the last dimension is contiguous
+    and the batch stride is a multiple of the position stride (true of contiguous logits and of
+    slices such as ``logits[:, :-1]``); otherwise advanced indexing is used.
     """
-    x.sub_(x.amax(-1, keepdim=True))
-    return torch.logsumexp(x, dim=-1)
+
+    def __init__(self, x: Tensor, rows: Tensor, cols: Tensor) -> None:
+        self.rows, self.cols = rows, cols
+        self.flat = None
+        B, T, V = x.shape
+        sB, sT, sV = x.stride()
+        if sV != 1 or rows.numel() == 0:
+            return
+        if T == 1:
+            step_b, step_t, rs = 1, 0, sB
+        elif B == 1:
+            step_b, step_t, rs = 0, 1, sT
+        elif sT > 0 and sB % sT == 0:
+            step_b, step_t, rs = sB // sT, 1, sT
+        else:
+            return
+        self.flat = rows * step_b + cols * step_t
+        self.shape = ((B - 1) * step_b + (T - 1) * step_t + 1, V)
+        self.stride = (rs, 1)
+
+    def _view(self, x: Tensor) -> Tensor:
+        return x.as_strided(self.shape, self.stride, x.storage_offset())
+
+    def get(self, x: Tensor, s: int, chunk: int, dtype: torch.dtype) -> Tensor:
+        """Rows ``s : s + chunk`` as a new ``[c, V]`` tensor in ``dtype``."""
+        if self.flat is None:
+            out = x[self.rows[s : s + chunk], self.cols[s : s + chunk]]
+        else:
+            out = self._view(x).index_select(0, self.flat[s : s + chunk])
+        return out.to(dtype)
+
+    def put(self, x: Tensor, s: int, chunk: int, values: Tensor) -> None:
+        """Write ``values [c, V]`` at rows ``s : s + chunk`` of ``x`` (a tensor with the strides of the source)."""
+        if self.flat is None:
+            x[self.rows[s : s + chunk], self.cols[s : s + chunk]] = values
+        else:
+            self._view(x).index_copy_(0, self.flat[s : s + chunk], values)
 
 
 class _SoftEmbedding(torch.autograd.Function):
     """``(softmax(x) @ table, log_softmax(x)[label])`` for the positions ``(rows, cols)`` of ``logits``.
 
     Forward and backward loop over chunks of positions; nothing of size ``[N, V]`` is saved:
-    the backward recomputes each chunk's softmax from the logits.
+    the backward recomputes each chunk's softmax from the logits. Per chunk the forward makes
+    four elementwise passes over ``[c, V]`` (gather, max, shift, exp and sum) and one matmul; the
+    backward the same plus one matmul and two passes (``e * (g - coef)``), with the normalisation
+    ``1 / z`` folded into ``[c, K]`` and ``[c]`` factors.
     """
 
     @staticmethod
@@ -82,13 +116,17 @@ class _SoftEmbedding(torch.autograd.Function):
         n = rows.numel()
         soft = torch.empty((n, table.shape[1]), dtype=cdt, device=logits.device)
         logp = torch.empty((n,), dtype=cdt, device=logits.device)
+        index = _Rows(logits, rows, cols)
         for s in range(0, n, chunk):
-            x = _gather_rows(logits, rows[s : s + chunk], cols[s : s + chunk], cdt)
-            log_z = _shift_(x)
-            logp[s : s + chunk] = x.gather(1, targets[s : s + chunk, None]).squeeze(1) - log_z
-            p = x.exp_().div_(log_z.exp()[:, None])
-            torch.matmul(p, table, out=soft[s : s + chunk])
-        ctx.save_for_backward(logits, table, rows, cols, targets)
+            x = index.get(logits, s, chunk, cdt)
+            x.sub_(x.amax(-1, keepdim=True))  # by the maximum, not logsumexp: ties of huge logits stay exact
+            x_y = x.gather(1, targets[s : s + chunk, None]).squeeze(1)
+            e = x.exp_()
+            z = e.sum(-1)
+            logp[s : s + chunk] = x_y - z.log()
+            torch.matmul(e, table, out=soft[s : s + chunk])
+            soft[s : s + chunk] /= z[:, None]
+        ctx.save_for_backward(logits, table, rows, cols, targets, soft)
         ctx.chunk = chunk
         ctx.set_materialize_grads(False)
         return soft, logp
@@ -96,35 +134,45 @@ class _SoftEmbedding(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_soft, g_logp):  # type: ignore[override]
-        logits, table, rows, cols, targets = ctx.saved_tensors
+        logits, table, rows, cols, targets, soft = ctx.saved_tensors
         chunk = ctx.chunk
         cdt = table.dtype
         want_logits, want_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_logits = torch.zeros_like(logits) if want_logits else None
+        grad_logits = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device) if want_logits else None
         grad_table = torch.zeros_like(table) if (want_table and g_soft is not None) else None
         if (g_soft is None and g_logp is None) or not (want_logits or grad_table is not None):
             return grad_logits, grad_table, None, None, None, None
+        index = _Rows(logits, rows, cols)
+        out_index = _Rows(grad_logits, rows, cols) if want_logits else None
         for s in range(0, rows.numel(), chunk):
-            r, c = rows[s : s + chunk], cols[s : s + chunk]
-            x = _gather_rows(logits, r, c, cdt)
-            log_z = _shift_(x)
-            p = x.exp_().div_(log_z.exp()[:, None])
-            if grad_table is not None:
-                grad_table.addmm_(p.T, g_soft[s : s + chunk])
-            if not want_logits:
-                continue
-            # d/dx of <g_soft, p @ table> is p * (g - <p, g>) with g = g_soft @ table^T;
-            # d/dx of g_logp * log p_y is g_logp * (onehot(y) - p).
+            x = index.get(logits, s, chunk, cdt)
+            x.sub_(x.amax(-1, keepdim=True))
+            e = x.exp_()
+            inv_z = e.sum(-1).reciprocal()
+            # With p = e / z and G = g_soft @ table^T:
+            #   d<g_soft, p @ table>/dx = p * (G - <p, G>),  <p, G> = <p @ table, g_soft> = <soft, g_soft>
+            #   d(g_logp * log p_y)/dx  = g_logp * (onehot(y) - p)
+            # so the gradient is e * ((g_soft / z) @ table^T - coef) + g_logp * onehot(y),
+            # coef = (<soft, g_soft> + g_logp) / z.
+            coef = torch.zeros_like(inv_z)
             if g_soft is not None:
-                g = g_soft[s : s + chunk] @ table.T
-                g.sub_((p * g).sum(-1, keepdim=True)).mul_(p)
+                gs = g_soft[s : s + chunk] * inv_z[:, None]
+                if grad_table is not None:
+                    grad_table.addmm_(e.T, gs)
+                if not want_logits:
+                    continue
+                g = gs @ table.T
+                coef += (soft[s : s + chunk] * g_soft[s : s + chunk]).sum(-1) * inv_z
+            elif not want_logits:
+                continue
             else:
-                g = torch.zeros_like(p)
+                g = None
             if g_logp is not None:
-                gl = g_logp[s : s + chunk, None]
-                g.sub_(p * gl)
-                g.scatter_add_(1, targets[s : s + chunk, None], gl)
-            grad_logits[r, c] = g.to(grad_logits.dtype)
+                coef += g_logp[s : s + chunk] * inv_z
+            g = e.mul_(-coef[:, None]) if g is None else g.sub_(coef[:, None]).mul_(e)
+            if g_logp is not None:
+                g.scatter_add_(1, targets[s : s + chunk, None], g_logp[s : s + chunk, None])
+            out_index.put(grad_logits, s, chunk, g.to(grad_logits.dtype))
         return grad_logits, grad_table, None, None, None, None
 
 
@@ -216,8 +264,13 @@ def _check_options(mode, cost, epsilon, ignore_index, reduction, chunk_size, emb
     return chunk_size
 
 
-def _diagnose_logits(logits: Tensor, rows: Tensor, cols: Tensor, chunk: int, name: str) -> None:
-    """Raise a ValueError naming what is wrong with the logits at the positions that count, if anything."""
+def _diagnose(logits: Tensor, embeddings: Tensor, rows: Tensor, cols: Tensor, chunk: int, name: str) -> None:
+    """The loss is not finite: raise a ValueError naming the input that made it so.
+
+    Run only then, so that finite inputs cost no extra pass (any NaN/Inf in the embeddings or in
+    the logits of a counted position makes the loss non-finite).
+    """
+    check_finite(embeddings, "embeddings")
     n_nan = n_pinf = n_dead = 0
     for s in range(0, rows.numel(), chunk):
         x = logits[rows[s : s + chunk], cols[s : s + chunk]]
@@ -280,8 +333,6 @@ def _token_ot(
     """Checked inputs -> per-sequence values, summed label log-probabilities and position counts."""
     B, _, V = logits.shape
     cdt = compute_dtype(logits.dtype)
-    if validate:
-        check_finite(embeddings, "embeddings")
     mask = labels != ignore_index
     if validate:
         bad = mask & ((labels < 0) | (labels >= V))
@@ -317,11 +368,11 @@ def _token_ot(
         per_seq = per_seq / counts.clamp_min(1).to(cdt)
     else:
         if validate and not bool(torch.isfinite(soft).all()):  # name the logits before the solver sees NaN
-            _diagnose_logits(logits, rows, cols, chunk, logits_name)
+            _diagnose(logits, embeddings, rows, cols, chunk, logits_name)
         per_seq = _sequence_ot(soft, e_y, rows, cols, counts, mask, cost, epsilon, solver_options, B, cdt)
     logps = torch.zeros(B, dtype=cdt, device=logits.device).index_add(0, rows, tok_logp)
     if validate and not bool(torch.isfinite(per_seq).all()):
-        _diagnose_logits(logits, rows, cols, chunk, logits_name)
+        _diagnose(logits, embeddings, rows, cols, chunk, logits_name)
     return _TokenOT(per_seq, logps, counts)
 
 
@@ -423,11 +474,13 @@ def token_ot_loss(
             ``None`` keeps its defaults, except ``validate_args``, which is ``False`` there
             because this function checks its own inputs.
         validate_args: check values (a host synchronisation on GPU): labels in ``[0, vocab)``
-            or ``ignore_index``, at least one counted position in the batch, finite embeddings,
-            and, when the result is not finite, which logits made it so (NaN, +Inf, rows of
-            -Inf). ``None`` uses :func:`otloss.get_validate_args`. Unvalidated, NaN logits give
-            a NaN loss, a label out of range raises from the embedding lookup (``IndexError`` on
-            the CPU, a device-side assert on CUDA), and a batch without counted positions gives 0.
+            or ``ignore_index`` and at least one counted position in the batch; and, only when
+            the result is not finite, which input made it so (NaN/Inf embeddings; NaN, +Inf or
+            all -Inf rows of logits at counted positions), so finite inputs pay no extra pass.
+            ``None`` uses :func:`otloss.get_validate_args`. Unvalidated, NaN inputs give a NaN
+            loss, a label out of range raises from the indexing (``RuntimeError``/``IndexError``
+            on the CPU, a device-side assert on CUDA), and a batch without counted positions
+            gives 0.
 
     Returns:
         The loss in the dtype of ``logits`` (computed in float32, float64 for float64 logits):

@@ -254,6 +254,35 @@ def test_no_vocab_sized_tensor_is_saved_for_backward(mode):
     assert (B, T, V) in naive
 
 
+@pytest.mark.parametrize("layout", ["sliced", "transposed", "one_position", "one_sequence"])
+def test_strided_logits_equal_contiguous(layout):
+    """Logits as models hand them out (``logits[:, :-1]``) and other layouts take the same values and gradients."""
+    full, labels, E = problem(B=3, T=7, V=11, dtype=torch.float32)
+    if layout == "sliced":
+        src = torch.cat([full, torch.randn(3, 1, 11)], 1)
+        make = lambda x: x[:, :-1]  # noqa: E731
+    elif layout == "transposed":
+        src = full.transpose(0, 1).contiguous()
+        make = lambda x: x.transpose(0, 1)  # noqa: E731
+    elif layout == "one_position":
+        src, labels = full[:, 3:4].contiguous(), labels[:, 3:4]
+        make = lambda x: x  # noqa: E731
+    else:
+        src, labels = full[1:2].contiguous(), labels[1:2]
+        make = lambda x: x  # noqa: E731
+    a = src.clone().requires_grad_(True)
+    b = make(src).contiguous().requires_grad_(True)
+    opts = {"max_iter": 5000}
+    for mode in ("position", "sequence"):
+        la = token_ot_loss(make(a), labels, E, mode=mode, chunk_size=2, reduction="none", solver_options=opts)
+        lb = token_ot_loss(b, labels, E, mode=mode, chunk_size=2, reduction="none", solver_options=opts)
+        torch.testing.assert_close(la, lb, **tol(torch.float32, "parity"))
+        la.sum().backward()
+        lb.sum().backward()
+        torch.testing.assert_close(make(a.grad), b.grad, **tol(torch.float32, "parity"))
+        a.grad = b.grad = None
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: a clear error or a documented result
 # ---------------------------------------------------------------------------------------------
