@@ -8,7 +8,7 @@ import torch
 from helpers import np_cost, pot_value
 from hypothesis import given
 from hypothesis import strategies as st
-from test_oracles import CONVEX_COSTS, values, weights_for
+from test_oracles import CONVEX_COSTS, sweep, values, weights_for
 
 import otloss
 
@@ -23,6 +23,7 @@ def weighted_problem(draw):
     return u, v, draw(weights_for(len(u))), draw(weights_for(len(v))), draw(st.sampled_from(CONVEX_COSTS))
 
 
+@sweep
 @given(weighted_problem())
 def test_marginals_equal_the_weights(problem):
     u, v, a, b, _ = problem
@@ -33,6 +34,7 @@ def test_marginals_equal_the_weights(problem):
     assert (c.mass > 0).all()
 
 
+@sweep
 @given(weighted_problem())
 def test_plan_cost_is_the_pot_optimum(problem):
     u, v, a, b, cost = problem

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from helpers import pot_value, quantile_integral
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import otloss
+
+#: ``OTLOSS_PROPERTY_EXAMPLES=10000`` gives every property of the core that many examples (a long local sweep)
+_SWEEP = int(os.environ.get("OTLOSS_PROPERTY_EXAMPLES", "0"))
+
+
+def sweep(test):
+    """The active hypothesis profile, with ``max_examples`` from ``OTLOSS_PROPERTY_EXAMPLES`` when it is set."""
+    return settings(max_examples=_SWEEP)(test) if _SWEEP else test
+
 
 CONVEX_COSTS = [
     otloss.logistic(1.0),
@@ -58,6 +69,7 @@ def _scale_tol(u, v, cost):
     return 1e-9 * (z ** cost.params.get("p", 2) + 1.0)
 
 
+@sweep
 @given(problems(weighted=False))
 def test_equals_pot_lp_uniform(problem):
     u, v, _, _, cost = problem
@@ -65,6 +77,7 @@ def test_equals_pot_lp_uniform(problem):
     assert got == pytest.approx(pot_value(u, v, cost), rel=1e-9, abs=_scale_tol(u, v, cost))
 
 
+@sweep
 @given(problems(weighted=True))
 def test_equals_pot_lp_weighted_with_zeros(problem):
     u, v, a, b, cost = problem
@@ -72,6 +85,7 @@ def test_equals_pot_lp_weighted_with_zeros(problem):
     assert got == pytest.approx(pot_value(u, v, cost, a, b), rel=1e-9, abs=_scale_tol(u, v, cost))
 
 
+@sweep
 @given(problems(weighted=True))
 def test_santambrogio_identity_exact_integral(problem):
     u, v, a, b, cost = problem
@@ -97,6 +111,7 @@ def test_santambrogio_identity_quadrature(cost, n, m):
     assert abs(got - ref) <= (n + m) * hmax / grid + 1e-12
 
 
+@sweep
 @given(values(), values(), st.booleans())
 def test_scipy_wasserstein_distance(u, v, weighted):
     from scipy.stats import wasserstein_distance

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from test_oracles import values
+from test_oracles import sweep, values, weights_for
 
 import otloss
 
@@ -16,6 +16,7 @@ def _t(x):
     return torch.as_tensor(x, dtype=torch.float64)
 
 
+@sweep
 @given(values(), values(), st.floats(-100, 100), st.sampled_from(["logistic", "hinge", "squared_hinge", "abs_pow"]))
 def test_translation_invariance(u, v, c, name):
     cost = otloss.get_cost(name)
@@ -24,6 +25,7 @@ def test_translation_invariance(u, v, c, name):
     assert shifted == pytest.approx(base, rel=1e-7, abs=1e-7)
 
 
+@sweep
 @given(values(), values(), st.sampled_from([otloss.abs_pow(1.0), otloss.abs_pow(2.5), otloss.least_squares(0.0)]))
 def test_symmetry_for_even_cost(u, v, cost):
     assert cost.even
@@ -32,6 +34,7 @@ def test_symmetry_for_even_cost(u, v, cost):
     )
 
 
+@sweep
 @given(
     values(),
     values(),
@@ -45,6 +48,32 @@ def test_scaling_for_homogeneous_cost(u, v, c, cost):
     assert scaled == pytest.approx(c**p * base, rel=1e-9, abs=1e-9)
 
 
+@sweep
+@given(
+    values().flatmap(lambda u: st.tuples(st.just(u), weights_for(len(u)))),
+    values().flatmap(lambda v: st.tuples(st.just(v), weights_for(len(v)))),
+    st.floats(1e-300, 1e300),
+    st.sampled_from([torch.float32, torch.float64]),
+    st.sampled_from([otloss.hinge(0.0), otloss.abs_pow(2.0), otloss.logistic(0.5)]),
+)
+def test_weight_scale_invariance_up_to_huge_and_tiny_scales(ua, vb, c, dtype, cost):
+    """Weights are normalised before any cast or cumulative sum: 1e300 float64 weights with float32 values work."""
+    (u, a), (v, b) = ua, vb
+    uu, vv = _t(u).to(dtype), _t(v).to(dtype)
+    base = otloss.ot_h_1d(uu, vv, cost, u_weights=_t(a), v_weights=_t(b)).item()
+    scaled = otloss.ot_h_1d(uu, vv, cost, u_weights=_t(a) * c, v_weights=_t(b) / c).item()
+    rel = 1e-5 if dtype == torch.float32 else 1e-9
+    assert scaled == pytest.approx(base, rel=rel, abs=rel)
+    # the quantile is a step function of the level: a last-bit change of the normalised weights may move a
+    # breakpoint across a level, so the scaled quantile is bracketed by the unscaled ones just around it
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    q = otloss.quantile_function(uu, t, _t(a) * c)
+    lo = otloss.quantile_function(uu, (t - 1e-9).clamp(0, 1), _t(a))
+    hi = otloss.quantile_function(uu, (t + 1e-9).clamp(0, 1), _t(a))
+    assert bool(((lo <= q) & (q <= hi)).all())
+
+
+@sweep
 @given(values(), values(), st.floats(0.0, 10.0))
 def test_zero_violation_under_dominance(v, extra, gap):
     """u built to dominate v: every quantile of u is >= the same quantile of v."""
@@ -53,6 +82,7 @@ def test_zero_violation_under_dominance(v, extra, gap):
         assert float(otloss.fsd_violation(_t(u), _t(v), m)) == 0.0
 
 
+@sweep
 @given(values(), st.floats(0.001, 10.0))
 def test_violation_positive_when_dominance_reversed(v, gap):
     u = v - gap
