@@ -80,12 +80,18 @@ class AdapterLoss(AOTLoss):
             torch.distributed.all_reduce(counts, group=self.group)
         return bool((counts > 0).all())
 
-    def forward(self, *logps: Tensor) -> Tensor:
+    def forward(
+        self,
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        ref_chosen_logps: Tensor,
+        ref_rejected_logps: Tensor,
+    ) -> Tensor:
         options = {name: getattr(self, name) for name in _AOT_OPTIONS}
         options["global_batch"] = self.is_global()
         options["group"] = self.group if options["global_batch"] else None
         options["memory"] = self.memory if self.training else None
-        return aot_loss(*logps, **options)
+        return aot_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, **options)
 
 
 def aot_uv(logps: Sequence[Tensor], paired: bool) -> tuple[Tensor, Tensor]:
