@@ -335,7 +335,12 @@ class _L2SoftSort(torch.autograd.Function):
         else:
             perm = perm.view_as(perm)  # an input returned as an output must be a view
         rows = x.numel() // n
-        v = xs.reshape(rows, n).to(torch.float64)
+        xs2 = xs.reshape(rows, n)
+        # Only rows where some gap reaches 1 / eps (or that hold NaN/Inf) can pool: the others are done.
+        gap_top = (xs2[:, 1:] - xs2[:, :-1]).amax(dim=1).to(torch.float64)
+        act = (~(gap_top * eps * (1.0 + 2.0**-20) < 1.0)).nonzero().squeeze(1)
+        v = xs2.index_select(0, act).to(torch.float64)
+        k = act.numel()
         bad = ~torch.isfinite(v).all(dim=1)
         any_bad = bool(bad.any())
         if any_bad:
@@ -347,21 +352,24 @@ class _L2SoftSort(torch.autograd.Function):
         e = eps * scale
         s, c, row, start = _l2_blocks(v, e)
         # block of every position: a 1 at each block's first position, summed up
-        heads = torch.zeros(rows * n, dtype=torch.int64, device=x.device)
+        heads = torch.zeros(k * n, dtype=torch.int64, device=x.device)
         heads.index_fill_(0, row * n + start, 1)
         bid = torch.cumsum(heads, 0) - 1
         size = c.index_select(0, bid)
         first = start.index_select(0, bid)
-        offset = torch.arange(n, dtype=torch.float64, device=x.device).repeat(rows) - first - (size - 1) * 0.5
+        offset = torch.arange(n, dtype=torch.float64, device=x.device).repeat(k) - first - (size - 1) * 0.5
         y = (s / c).index_select(0, bid) + offset / e  # offset is 0 for a block of one: y is the value itself
         if scale != 1.0:
             y = y * scale
-        y = y.reshape(rows, n)
-        size = size.reshape(rows, n)
+        y, size, first = y.reshape(k, n), size.reshape(k, n), first.reshape(k, n)
         if any_bad:
             y = y.masked_fill(bad.unsqueeze(1), math.nan)
             size = size.masked_fill(bad.unsqueeze(1), 0.0)
-        return y.to(x.dtype).reshape(xs.shape), perm, first.reshape(xs.shape), size.reshape(xs.shape)
+        # the rows that do not pool keep their sorted values, in blocks of one
+        y_all = xs2.index_copy(0, act, y.to(x.dtype))
+        size_all = torch.ones(rows, n, dtype=torch.float64, device=x.device).index_copy_(0, act, size)
+        first_all = torch.arange(n, device=x.device).expand(rows, n).index_copy(0, act, first)
+        return y_all.reshape(xs.shape), perm, first_all.reshape(xs.shape), size_all.reshape(xs.shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
