@@ -18,8 +18,8 @@ def _bench():
     return mod
 
 
+@pytest.mark.requires_pot
 def test_quick_cpu_run_writes_every_case_method_and_pass(tmp_path, capsys):
-    pytest.importorskip("ot")
     bench = _bench()
     out = tmp_path / "sliced.csv"
     argv = ["--device", "cpu", "--quick", "--rounds", "5", "--block-ms", "1", "--threads", "1", "--out", str(out)]

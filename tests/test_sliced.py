@@ -30,11 +30,13 @@ def _problem(n=30, m=45, d=4, L=20, *, dtype=F64, seed=0, device="cpu"):
 # ------------------------------------------------------------------ oracles
 
 
+@pytest.mark.requires_pot
 @pytest.mark.parametrize("p", [1, 2, 3])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("sizes", [(30, 45), (40, 40)])
 def test_matches_pot_with_the_same_projections(p, weighted, sizes):
-    ot = pytest.importorskip("ot")
+    import ot
+
     x, y, a, b, P = _problem(*sizes)
     if not weighted:
         a = b = None
@@ -47,8 +49,10 @@ def test_matches_pot_with_the_same_projections(p, weighted, sizes):
     torch.testing.assert_close(ours ** (1 / p), pot, **tol(F64, "value"))
 
 
+@pytest.mark.requires_pot
 def test_float32_matches_pot_in_float64():
-    ot = pytest.importorskip("ot")
+    import ot
+
     x, y, a, b, P = _problem(200, 150, d=8, L=64)
     ours = sliced_ot(
         x.float(), y.float(), otloss.abs_pow(2), projections=P.float(), u_weights=a.float(), v_weights=b.float()
@@ -340,8 +344,6 @@ def test_without_validation_a_nan_gives_nan():
 
 @pytest.mark.requires_cuda
 def test_cuda_matches_the_float64_cpu_reference():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     dev = torch.device("cuda")
     h = otloss.abs_pow(2)
     # equal sizes, uniform weights: the batched-rows kernel when triton imports
