@@ -211,6 +211,15 @@ def test_func_grad_keeps_the_checks_and_matches_autograd():
         torch.testing.assert_close(per[i], torch.func.grad(lambda a: otloss.ot_h_1d(a, v, cost))(U[i]))
     jac = torch.func.jacrev(lambda a: otloss.ot_h_1d(a, v, cost))(u)
     torch.testing.assert_close(jac, got)
+    fwd = torch.func.jacfwd(lambda a: otloss.ot_h_1d(a, v, cost))(u)
+    torch.testing.assert_close(fwd, got, **tol(torch.float64, "grad"))
+    _, pullback = torch.func.vjp(lambda a: otloss.ot_h_1d(a, v, cost), u)
+    torch.testing.assert_close(pullback(torch.tensor(2.0, dtype=torch.float64))[0], 2 * got)
+    w = torch.rand(9, generator=g, dtype=torch.float64)
+    weighted = torch.func.grad(lambda a: otloss.ot_h_1d(a, v[:5], "abs_pow", u_weights=w))(u)
+    uu = u.clone().requires_grad_(True)
+    otloss.ot_h_1d(uu, v[:5], "abs_pow", u_weights=w).backward()
+    torch.testing.assert_close(weighted, uu.grad, **tol(torch.float64, "grad"))
 
 
 # ---------------------------------------------------------------------------
