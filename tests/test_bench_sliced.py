@@ -43,6 +43,22 @@ def test_quick_cpu_run_writes_every_case_method_and_pass(tmp_path, capsys):
     assert table.count("\n| float32 |") == len(bench.QUICK_CASES)
 
 
+def test_without_pot_only_otloss_is_timed_and_checked_against_float64(tmp_path, capsys, monkeypatch):
+    bench = _bench()
+    monkeypatch.setattr(bench, "_version", lambda module: "" if module == "ot" else "1")
+    out = tmp_path / "sliced.csv"
+    argv = ["--device", "cpu", "--quick", "--rounds", "5", "--block-ms", "1", "--threads", "1", "--out", str(out)]
+    assert bench.main(argv) == 0
+    assert "POT is not installed" in capsys.readouterr().out
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert {r["method"] for r in rows} == {"otloss", "otloss_unchecked"}
+    assert all(r["pot"] == "" and r["speedup"] == "" and float(r["rel_diff"]) <= 1e-4 for r in rows)
+    assert bench.main(["--summarize", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "POT not installed" in table and table.count("| - |") == len(bench.QUICK_CASES)
+
+
 def test_bad_arguments_are_refused(tmp_path):
     bench = _bench()
     with pytest.raises(SystemExit):
