@@ -158,6 +158,9 @@ def test_vmap_with_default_checks_matches_the_batched_call():
     w = torch.rand(5, 8, generator=g, dtype=torch.float64)
     got = torch.func.vmap(lambda a, b, c: otloss.ot_h_1d(a, b, "abs_pow", u_weights=c))(u, v, w)
     torch.testing.assert_close(got, otloss.ot_h_1d(u, v, "abs_pow", u_weights=w, reduction="none"))
+    for custom in (lambda z: z.square(), otloss.Cost(torch.cosh, torch.sinh)):  # checked custom costs vmap too
+        got = torch.func.vmap(lambda a, b, c=custom: otloss.ot_h_1d(a, b, c))(u[:, :6], v)
+        torch.testing.assert_close(got, otloss.ot_h_1d(u[:, :6], v, custom, reduction="none"), **tol(torch.float64))
     # equal sizes, uniform weights: the fast path's plain-graph twin under vmap
     got = torch.func.vmap(lambda a, b: otloss.aot_loss(a, b, b, a))(u, u.flip(-1))
     want = torch.stack([otloss.aot_loss(a, b, b, a) for a, b in zip(u, u.flip(-1))])

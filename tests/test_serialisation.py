@@ -177,3 +177,11 @@ def test_value_and_grad_is_derived_from_h_and_dh():
         h, d = cost.value_and_grad(zg, 2.0)
         assert h.requires_grad and (d.requires_grad or cost.name == "hinge")
     assert math.isclose(otloss.logistic(2.0, 0.25).at_zero[1], -2.0 * 0.5 / 2)
+
+
+@pytest.mark.parametrize("how", sorted(ROUNDTRIPS))
+def test_a_coupling_keeps_its_sizes(how):
+    c = otloss.quantile_coupling(torch.randn(2, 3), torch.randn(2, 4), torch.rand(2, 3))
+    back = ROUNDTRIPS[how](c)
+    assert type(back) is otloss.Coupling and (back.n, back.m) == (3, 4)
+    torch.testing.assert_close(back.to_dense(), c.to_dense(), rtol=0, atol=0)
