@@ -211,11 +211,11 @@ def _extend(s: Tensor, c: Tensor, row: Tensor, grown: Tensor, eps: float) -> Ten
 
     Between two grown blocks of a row no adjacent pair violates (a "stable" stretch). A grown
     block B pooling leftwards into such a stretch keeps violating up to some count k and never
-    again after (the pooled mean only rises while the next neighbour's mean is higher still), so
-    the largest k is found by binary lifting over power-of-two window sums (sums of sums, no
-    prefix-sum cancellation). The same to the right. Each step pools an adjacent violating pair,
-    hence is exact, and so is pooling the two sides' results together. All work but the window
-    sums is on the grown blocks only.
+    again after (the pooled mean only rises while the next neighbour's mean is higher still).
+    That reach is found for all grown blocks at once (:func:`_reach_dense`, or
+    :func:`_reach_lifting` when grown blocks x stretch length is large); the same to the right.
+    Each step pools an adjacent violating pair, hence is exact, and so is pooling the two
+    sides' results together.
     """
     m = s.numel()
     f = grown.nonzero().squeeze(1)
@@ -232,6 +232,53 @@ def _extend(s: Tensor, c: Tensor, row: Tensor, grown: Tensor, eps: float) -> Ten
     top = int(torch.maximum(lim_left, lim_right).max())
     if top <= 0:
         return None
+    if f.numel() * top <= _DENSE_EXTEND_MAX:
+        reach = [_reach_dense(s, c, f, lim, top, left, eps) for left, lim in ((True, lim_left), (False, lim_right))]
+    else:
+        reach = _reach_lifting(s, c, f, lim_left, lim_right, top, eps)
+    mark = torch.zeros(m + 1, dtype=torch.int64, device=s.device)
+    mark.index_add_(0, f - reach[0], torch.ones_like(f))
+    mark.index_add_(0, f + reach[1], -torch.ones_like(f))
+    link = torch.cumsum(mark[: m - 1], 0) > 0
+    return link if bool(link.any()) else None
+
+
+#: grown blocks x longest stretch up to which :func:`_extend` tries every reach at once
+_DENSE_EXTEND_MAX = 1 << 20
+
+
+def _reach_dense(s: Tensor, c: Tensor, f: Tensor, lim: Tensor, top: int, left: bool, eps: float) -> Tensor:
+    """How many stable neighbours each grown block ``f`` pools on one side, trying every count at once.
+
+    The pooled sums are running sums outward from the block, the very additions a sequential
+    PAV makes; the reach is the length of the leading run of violations.
+    """
+    m = s.numel()
+    d = torch.arange(1, top + 1, device=s.device)
+    nb = f.unsqueeze(1) - d if left else f.unsqueeze(1) + d  # [grown, top]: the k-th neighbour
+    valid = d <= lim.unsqueeze(1)
+    nb = torch.where(valid, nb, f.unsqueeze(1)).clamp(0, m - 1)
+    ns = torch.where(valid, s[nb], 0.0)
+    nc = torch.where(valid, c[nb], 1.0)
+    zero = ns.new_zeros(f.numel(), 1)
+    ps = s[f].unsqueeze(1) + torch.cat([zero, torch.cumsum(ns, 1)[:, :-1]], 1)  # B with neighbours 1 .. k-1
+    pc = c[f].unsqueeze(1) + torch.cat([zero, torch.cumsum(nc, 1)[:, :-1]], 1)
+    if left:
+        viol = _violates(ns / nc, nc, ps / pc, pc, eps)
+    else:
+        viol = _violates(ps / pc, pc, ns / nc, nc, eps)
+    return torch.cumprod((viol & valid).to(torch.int64), 1).sum(1)
+
+
+def _reach_lifting(
+    s: Tensor, c: Tensor, f: Tensor, lim_left: Tensor, lim_right: Tensor, top: int, eps: float
+) -> list[Tensor]:
+    """:func:`_reach_dense` for both sides by binary lifting over power-of-two window sums (many grown blocks).
+
+    Window sums are sums of sums (no prefix-sum cancellation); the predicate "the k-th pooling
+    still violates" holds for every k up to the reach and for none after, so testing counts
+    from the largest power of two down finds the reach in ``log2(top)`` steps.
+    """
     levels = top.bit_length()
     # win_*[l][i]: sum over blocks i .. i + 2**l - 1, for the i where that window fits in the array
     # (a window that does not fit crosses a row end and is never used: its index is clamped)
@@ -267,11 +314,7 @@ def _extend(s: Tensor, c: Tensor, row: Tensor, grown: Tensor, eps: float) -> Ten
             ks = torch.where(ok, cs, ks)
             kc = torch.where(ok, cc, kc)
         reach.append(k)
-    mark = torch.zeros(m + 1, dtype=torch.int64, device=s.device)
-    mark.index_add_(0, f - reach[0], torch.ones_like(f))
-    mark.index_add_(0, f + reach[1], -torch.ones_like(f))
-    link = torch.cumsum(mark[: m - 1], 0) > 0
-    return link if bool(link.any()) else None
+    return reach
 
 
 def _l2_blocks(xs: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
