@@ -143,9 +143,13 @@ def _ot_rows(
     b: Tensor | None,
     sorter: SoftSort | None,
     check_values: Callable[[], None] | None,
+    u2: Tensor | None = None,
+    v2: Tensor | None = None,
 ) -> Tensor:
-    """``OT_h`` of every row; inputs already checked (but for their values) and in the compute dtype.
+    """``OT_h`` of every row of ``u - u2`` and ``v - v2`` (``None``: no subtraction).
 
+    Inputs already checked (but for their values) and in the compute dtype; ``u2``/``v2`` only
+    with uniform weights and hard sort (paired AOT's margins, subtracted inside the loss node).
     ``check_values`` scans the caller's named inputs for NaN/Inf and raises; on the hard-sort,
     equal-size path it runs only when the sum of the sorted differences is not finite (any
     non-finite input makes it so), saving a pass over the inputs.
@@ -155,12 +159,18 @@ def _ot_rows(
     if sorter is None and uniform:
         # one autograd node with h' computed in the forward; under torch.func transforms (grad, jacrev,
         # vmap) the plain graph below instead, which they all support (sort_with_index then uses torch.sort)
-        fast = cost.dh is not None and torch.is_grad_enabled() and (u.requires_grad or v.requires_grad)
-        if fast and not functorch_active():
-            return SortedOT.apply(u, v, cost, check_values)
+        if cost.dh is not None and torch.is_grad_enabled() and _any_requires_grad(u, v, u2, v2):
+            if torch.compiler.is_compiling() or not functorch_active():
+                return SortedOT.apply(u, v, cost, check_values, u2, v2)
+        if u2 is not None:
+            u = u - u2
+        if v2 is not None:
+            v = v - v2
         z = sort_with_index(u)[0] - sort_with_index(v)[0]
         check_sum(z, check_values)
         return cost(z).mean(dim=-1)
+    if u2 is not None or v2 is not None:
+        raise ValueError("u2 and v2 need equal sizes, uniform weights and hard sort")  # internal misuse
     if check_values is not None:
         check_values()
     if sorter is not None:  # soft sort: uniform weights
@@ -175,6 +185,10 @@ def _ot_rows(
         b = torch.ones_like(v) if b is None else b.to(v.dtype).gather(-1, pv)
     iu, iv, mass = merge_sorted_weights(a, b)
     return (mass * cost(us.gather(-1, iu) - vs.gather(-1, iv))).sum(dim=-1)
+
+
+def _any_requires_grad(*tensors: Tensor | None) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def _finite_check(*named: tuple[Tensor, str]) -> Callable[[], None]:
@@ -280,21 +294,30 @@ def _dispatch(
     reduction: str,
     backend: str,
     check_values: Callable[[], None] | None,
+    u2: Tensor | None = None,
+    v2: Tensor | None = None,
 ) -> Tensor:
-    """``ot_h_1d`` after its argument checks (its only caller): value check, dispatch, compute dtype, reduction."""
+    """Checked inputs to the loss: backend choice, value check, compute dtype, reduction.
+
+    Callers: :func:`ot_h_1d`, and :func:`aot_loss` for paired AOT with hard sort on the local
+    batch, which passes the four log-probabilities (``u - u2``, ``v - v2``) so that the margins
+    are subtracted inside the fused kernel or reference node (one launch, no extra autograd nodes).
+    """
     use_triton = _use_triton(backend, u, v, cost, a is not None or b is not None, sorter is not None)
     if not cost.differentiable and torch.is_grad_enabled():
         with torch.no_grad():
-            return _dispatch(u, v, cost, a, b, sorter, reduction, backend, check_values)
+            return _dispatch(u, v, cost, a, b, sorter, reduction, backend, check_values, u2, v2)
     if use_triton:
-        if check_values is not None:
-            check_values()
         from otloss.ops import ot_rows_triton
 
-        rows = ot_rows_triton(u, v, cost)
+        rows = ot_rows_triton(u, v, cost, u2=u2, v2=v2, check_values=check_values)
     else:
         cdt = compute_dtype(u.dtype)
-        rows = _ot_rows(_cast(u, cdt), _cast(v, cdt), cost, a, b, sorter, check_values)
+        if u2 is not None:
+            u2 = _cast(u2, cdt)
+        if v2 is not None:
+            v2 = _cast(v2, cdt)
+        rows = _ot_rows(_cast(u, cdt), _cast(v, cdt), cost, a, b, sorter, check_values, u2, v2)
     return _cast(_reduce(rows, reduction), u.dtype)
 
 
@@ -480,6 +503,13 @@ def aot_loss(
                 f"got {tuple(pc.shape)} and {tuple(pr.shape)}"
             )
     h = _aot_cost(cost, beta, label_smoothing)
+    if paired and (sort == "hard" if isinstance(sort, str) else False) and not global_batch and memory is None:
+        if torch.compiler.is_compiling() or not functorch_active():  # (vmap's value checks: ot_h_1d below)
+            # the hot path: the four inputs go to the loss, which subtracts the margins in its node or kernel;
+            # a NaN/Inf input makes the sorted differences non-finite, and the check then names it
+            validate = resolve_validate(validate_args)
+            check_values = _finite_check(*zip(tensors, names)) if validate and pc.device.type != "meta" else None
+            return _dispatch(pc, rc, h, None, None, None, reduction, backend, check_values, pr, rr)
     cdt = compute_dtype(pc.dtype)
     pc, pr, rc, rr = (_cast(t, cdt) for t in tensors)
     u, v = (pc - pr, rc - rr) if paired else (pc - rc, pr - rr)

@@ -290,3 +290,28 @@ def test_paired_kernel_takes_the_four_inputs_in_one_launch(cost, n, dtype):
 def _kernel_params(cost):
     p = cost.params
     return float(p.get("beta", 0.0)), float(p.get("label_smoothing", 0.0)), float(p.get("p", 1.0))
+
+
+def test_paired_aot_calls_the_fused_kernel_once_with_the_four_inputs(monkeypatch):
+    from otloss.ops import ot_sort
+
+    calls = []
+    real = ot_sort.ot_rows_forward
+
+    def spy(u, u2, v, v2, *args):
+        calls.append((u2 is not None, v2 is not None))
+        return real(u, u2, v, v2, *args)
+
+    monkeypatch.setattr(ot_sort, "ot_rows_forward", spy)
+    ins = [torch.randn(35, device=DEVICE) - 20 for _ in range(4)]
+    ins[0].requires_grad_(True)
+    ins[1].requires_grad_(True)
+    loss = otloss.aot_loss(*ins, backend="triton")
+    loss.backward()
+    assert calls == [(True, True)]
+    refs = [t.detach().clone().requires_grad_(True) for t in ins[:2]]
+    expected = otloss.aot_loss(*refs, *ins[2:], backend="torch")
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(ins[0].grad, refs[0].grad)
+    torch.testing.assert_close(ins[1].grad, refs[1].grad)
