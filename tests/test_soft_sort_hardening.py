@@ -193,6 +193,34 @@ def test_rounds_do_not_grow_with_rows_or_cascades(monkeypatch):
     np.testing.assert_allclose(out[1].double().numpy(), -ref[::-1], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dense_max", [0, 1 << 20])
+@pytest.mark.parametrize("extend_after", [0, 2, 10**9])
+def test_every_block_search_variant_matches_the_oracle(monkeypatch, dense_max, extend_after):
+    """Reach by running sums or by binary lifting, block extension from the first round or never: one answer."""
+    monkeypatch.setattr(sorting, "_DENSE_EXTEND_MAX", dense_max)
+    monkeypatch.setattr(sorting, "_EXTEND_AFTER", extend_after)
+    rng = np.random.default_rng(14)
+    for _ in range(40):
+        n = int(rng.integers(2, 200))
+        x = rng.standard_normal((3, n)) * 10 ** rng.uniform(0, 2)
+        x[0, -1], x[1, 0] = 1e4, -1e4  # cascades from either end
+        eps = float(10 ** rng.uniform(-2, 1))
+        out = otloss.soft_sort(torch.as_tensor(x), eps)
+        for r in range(3):
+            np.testing.assert_allclose(out[r].numpy(), pav_soft_sort(x[r], eps), rtol=0, atol=1e-9 * (1e4 + n / eps))
+
+
+def test_rows_that_pool_and_rows_that_do_not():
+    x = torch.randn(6, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+    x[1] *= 50  # gaps above 1 / eps: pools
+    x[4, 3] = 80.0
+    out = otloss.soft_sort(x, 0.2)
+    assert torch.equal(out[[0, 2, 3, 5]], torch.sort(x[[0, 2, 3, 5]], dim=-1).values)
+    for r in (1, 4):
+        assert not torch.equal(out[r], torch.sort(x[r]).values)
+        np.testing.assert_allclose(out[r].numpy(), pav_soft_sort(x[r].numpy(), 0.2), rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- gradients
 
 
