@@ -8,6 +8,7 @@ from otloss.costs import Cost, abs_pow, get_cost, hinge, least_squares, logistic
 from otloss.coupling import Coupling, quantile_coupling
 from otloss.diagnostics import fsd_report, quantile_function, quantile_margins
 from otloss.distributed import QuantileMemory, all_gather_variable
+from otloss.entropic import entropic_ot
 from otloss.functional import aot_loss, fsd_violation, ot_h_1d
 from otloss.modules import AOTLoss, FSDViolation, OTLoss
 from otloss.sliced import sliced_ot
@@ -31,6 +32,7 @@ __all__ = [
     "abs_pow",
     "all_gather_variable",
     "aot_loss",
+    "entropic_ot",
     "fsd_report",
     "fsd_violation",
     "get_cost",
