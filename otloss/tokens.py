@@ -672,6 +672,8 @@ def plot_loss(
         raise TypeError(f"aot_kwargs must be a dict or None, got {type(aot_kwargs).__name__}")
     if aot_kwargs and base != "aot":
         raise ValueError(f"aot_kwargs applies to base='aot' only, got base={base!r}")
+    if aot_kwargs and beta is not None and "beta" in aot_kwargs:
+        raise ValueError("beta is given twice: as plot_loss(beta=...) and in aot_kwargs; pass one")
     Bc, Br = chosen_logits.shape[0], rejected_logits.shape[0]
     paired = base == "dpo" or push == "logistic" or (base == "aot" and (aot_kwargs or {}).get("paired", True))
     if paired and Bc != Br:

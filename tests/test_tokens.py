@@ -697,6 +697,9 @@ def test_plot_pulls_chosen_and_pushes_rejected_until_the_margin():
         ({"cost": "sqeuclidean"}, ValueError, "margin must be given with cost='sqeuclidean'"),
         ({"ref_chosen_logps": torch.zeros(2, dtype=F64)}, ValueError, "ref_chosen_logps must have shape \\[3\\]"),
         ({"aot_kwargs": {"paired": False}}, ValueError, "aot_kwargs applies to base='aot' only"),
+        ({"base": "aot", "beta": 0.1, "aot_kwargs": {"beta": 0.2}}, ValueError, "beta is given twice"),
+        ({"solver_options": {"epsilon": 0.1}}, ValueError, "solver_options cannot set \\['epsilon'\\]"),
+        ({"solver_options": [1]}, TypeError, "solver_options must be a dict or None"),
         (
             {"ref_rejected_logps": torch.tensor([0.0, float("nan"), 0.0], dtype=F64)},
             ValueError,
@@ -782,3 +785,44 @@ def test_modules_call_the_functions():
 def test_exported():
     for name in ("token_ot_loss", "plot_loss", "TokenOTLoss", "PLOTLoss", "PLOTOutput"):
         assert getattr(otloss, name) is getattr(otloss.tokens, name)
+
+
+def test_docs_example_runs_as_written():
+    import pathlib
+    import re
+
+    page = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "plot.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert blocks, "docs/plot.md has no python example"
+    ns: dict = {}
+    exec(compile(blocks[0], "docs/plot.md", "exec"), ns)
+    assert ns["loss"].ndim == 0 and torch.isfinite(ns["loss"])
+    assert ns["chosen_logits"].grad is not None and ns["rejected_logits"].grad is not None
+    assert ns["per_sequence"].shape == (2,)
+
+
+@pytest.mark.slow
+def test_step_benchmark_quick_run(tmp_path):
+    import csv
+    import importlib.util
+    import pathlib
+
+    pytest.importorskip("transformers")
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_plot.py"
+    spec = importlib.util.spec_from_file_location("bench_plot", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "plot_step.csv"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == bench.COLUMNS
+    steps = {r["variant"]: r for r in rows if r["kind"] == "step"}
+    assert set(steps) == set(bench.VARIANTS)
+    assert float(steps["dpo"]["overhead_pct"]) == 0.0
+    for r in rows:
+        assert 0 < float(r["ms_p20"]) <= float(r["ms_p50"]) <= float(r["ms_p80"])
+        assert r["rounds"] == "3" and r["torch"] == torch.__version__
+    comps = {r["variant"] for r in rows if r["kind"] == "component"}
+    assert comps == {"model", "soft_pass", "plot_sequence_term", "sinkhorn"}
+    assert "| step | dpo |" in bench.summarize(out)
