@@ -161,6 +161,8 @@ def _ot_rows(
         # vmap) the plain graph below instead, which they all support (sort_with_index then uses torch.sort)
         if cost.dh is not None and torch.is_grad_enabled() and _any_requires_grad(u, v, u2, v2):
             if torch.compiler.is_compiling() or not functorch_active():
+                if u2 is None and v2 is None:
+                    return SortedOT.apply(u, v, cost, check_values)
                 return SortedOT.apply(u, v, cost, check_values, u2, v2)
         if u2 is not None:
             u = u - u2
@@ -187,8 +189,13 @@ def _ot_rows(
     return (mass * cost(us.gather(-1, iu) - vs.gather(-1, iv))).sum(dim=-1)
 
 
-def _any_requires_grad(*tensors: Tensor | None) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)
+def _any_requires_grad(u: Tensor, v: Tensor, u2: Tensor | None, v2: Tensor | None) -> bool:
+    return (
+        u.requires_grad
+        or v.requires_grad
+        or (u2 is not None and u2.requires_grad)
+        or (v2 is not None and v2.requires_grad)
+    )
 
 
 def _finite_check(*named: tuple[Tensor, str]) -> Callable[[], None]:

@@ -248,3 +248,21 @@ def test_a_rejected_micro_batch_leaves_the_memory_as_it_was():
     assert memory.sizes == (4, 4)
     otloss.ot_h_1d(torch.randn(2), torch.randn(2), otloss.logistic(1.0), memory=memory)  # the step goes on
     assert memory.sizes == (6, 6)
+
+
+@pytest.mark.parametrize("beta", [1e-3, 0.01, 1.0, 30.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logistic_hot_path_value_and_gradient(beta, dtype):
+    # one logsigmoid for h and h' (h' = beta expm1(logsigmoid(beta z))): h bitwise as cost.h computes it
+    # (so values agree with TRL's formula to the last bit), h'/n as the cost's own derivative
+    z = torch.cat([torch.linspace(-3000, 3000, 2001, dtype=dtype), torch.tensor([0.0, -0.0, 1e-30], dtype=dtype)])
+    cost = otloss.logistic(beta)
+    h, d = _reference.value_and_scaled_grad(cost, z)
+    assert torch.equal(h, cost.h(z))
+    torch.testing.assert_close(
+        d, cost.dh(z) / z.numel(), rtol=4 * torch.finfo(dtype).eps, atol=1e-37
+    )  # float32 denormals aside
+    smoothed = otloss.logistic(beta, 0.1)  # label smoothing: the cost's own value_and_grad
+    h, d = _reference.value_and_scaled_grad(smoothed, z)
+    torch.testing.assert_close(h, smoothed.h(z), rtol=0, atol=0)
+    torch.testing.assert_close(d, smoothed.dh(z) / z.numel())
