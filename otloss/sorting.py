@@ -372,6 +372,10 @@ class _L2SoftSort(torch.autograd.Function):
         n = x.shape[-1]
         if xs is None or perm is None:
             xs, perm = sort_with_index(x)
+            if _use_kernel(x):
+                if check:
+                    check_finite(x, "x")  # the one host synchronisation, only when checking
+                return _forward_kernel(xs, perm, eps)
             if _no_pooling(xs, eps, x, check):
                 none = torch.empty((*x.shape[:-1], 0), dtype=torch.int64, device=x.device)
                 return xs, perm, none, none.to(torch.float64)
@@ -445,6 +449,39 @@ class _L2SoftSort(torch.autograd.Function):
         return _L2SoftSort.apply(x.movedim(in_dims[0], 0), eps, check), (0, 0, 0, 0)
 
 
+def _use_kernel(x: Tensor) -> bool:
+    """Whether the block search runs in the Triton kernel (CUDA tensors, triton installed)."""
+    if not x.is_cuda:
+        return False
+    from otloss.ops import triton_available
+
+    return triton_available()
+
+
+def _forward_kernel(xs: Tensor, perm: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:class:`_L2SoftSort`'s outputs with the block search in the Triton kernel: no host synchronisation.
+
+    Rows holding NaN or Inf are searched as zeros and come out NaN (size 0), as on the CPU. float64
+    inputs are not rescaled here (that needs their maximum on the host): block sums of float64
+    values beyond about 1e307 can overflow on this path.
+    """
+    from otloss.ops.soft_sort import l2_blocks_triton
+
+    n = xs.shape[-1]
+    rows = xs.numel() // n
+    v = xs.reshape(rows, n).to(torch.float64)
+    bad = ~torch.isfinite(v).all(dim=1, keepdim=True)
+    v = torch.where(bad, 0.0, v)
+    first, size = l2_blocks_triton(v, eps)
+    ids = (torch.arange(rows, device=v.device).unsqueeze(1) * n + first).reshape(-1)
+    sums = torch.zeros(rows * n, dtype=torch.float64, device=v.device).index_add(0, ids, v.reshape(-1))
+    offset = torch.arange(n, dtype=torch.float64, device=v.device) - first - (size - 1) * 0.5
+    y = (sums.index_select(0, ids) / size.reshape(-1)).reshape(rows, n) + offset / eps
+    y = torch.where(bad, math.nan, y)
+    size = torch.where(bad, 0.0, size)
+    return y.to(xs.dtype).reshape(xs.shape), perm, first.reshape(xs.shape), size.reshape(xs.shape)
+
+
 def _no_pooling(xs: Tensor, eps: float, x: Tensor, check: bool) -> bool:
     """Whether no block of the sorted rows ``xs`` pools, so the soft sort is ``xs`` itself.
 
@@ -468,13 +505,14 @@ def _no_pooling(xs: Tensor, eps: float, x: Tensor, check: bool) -> bool:
 def _soft_sort_l2(x: Tensor, eps: float, check: bool) -> Tensor:
     """l2 soft sort in the compute dtype; ``check``: raise on NaN/Inf (tested on real tensors, inside the node).
 
-    When no block pools (the common case for small ``eps``), the result is the sort itself and
-    its gradient the sort's own (permutation held fixed), with no custom node. Under
-    ``torch.func`` transforms the whole computation goes through :class:`_L2SoftSort`, whose
-    ``vmap`` rule maps over rows.
+    On the CPU, when no block pools (the common case for small ``eps``), the result is the
+    sort itself and its gradient the sort's own (permutation held fixed), with no custom node.
+    Under ``torch.func`` transforms, and on CUDA with triton (block search in the kernel of
+    :mod:`otloss.ops.soft_sort`, no host synchronisation unless ``check``), the whole
+    computation goes through :class:`_L2SoftSort`, whose ``vmap`` rule maps over rows.
     """
     xc = x.to(compute_dtype(x.dtype))
-    if functorch_active():
+    if functorch_active() or _use_kernel(xc):
         return _L2SoftSort.apply(xc, eps, check)[0].to(x.dtype)
     xs, perm = sort_with_index(xc)
     if _no_pooling(xs.detach(), eps, xc, check):

@@ -8,6 +8,10 @@ non-increasing isotonic regression of ``xs_i - i / eps`` (``xs`` sorted ascendin
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +25,17 @@ import otloss
 from otloss import sorting
 
 F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+requires_triton = pytest.mark.skipif(not _has_triton(), reason="needs triton (pip install 'torch-otloss[triton]')")
 
 
 def pav_soft_sort(x: np.ndarray, eps: float) -> np.ndarray:
@@ -368,6 +383,61 @@ def test_validate_args_type_and_metadata_errors():
         otloss.soft_sort(torch.randn(2, 0), 0.1)
     with pytest.raises(TypeError, match=r"x must be a torch\.Tensor"):
         otloss.soft_sort([1.0, 2.0], 0.1)
+
+
+# ----------------------------------------------------------------------------- Triton kernel
+
+
+def _kernel_cases():
+    rng = np.random.default_rng(16)
+    for n in (1, 2, 7, 33, 64):
+        x = rng.standard_normal((3, n)) * 3
+        if n > 2:
+            x[0, -1] = 200.0  # a cascade
+            x[2, : n // 2] = 1.5  # ties
+        yield torch.as_tensor(x), float(10 ** rng.uniform(-1.5, 1))
+
+
+@requires_triton
+def test_triton_kernel_matches_the_torch_path(monkeypatch):
+    """The CUDA path (kernel block search, no host sync) against the CPU path: on CUDA, or interpreted on the CPU."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    if device == "cpu":
+        monkeypatch.setattr(sorting, "_use_kernel", lambda x: True)
+    for x, eps in _kernel_cases():
+        for dtype in (torch.float64, torch.float32):
+            xd = x.to(device, dtype).detach().clone().requires_grad_()
+            ref_x = x.to(dtype).detach().clone().requires_grad_()
+            w = torch.randn(x.shape, dtype=dtype, generator=torch.Generator().manual_seed(x.shape[-1]))
+            with monkeypatch.context() as m:
+                m.setattr(sorting, "_use_kernel", lambda x: False)
+                ref = otloss.soft_sort(ref_x, eps)
+            out = otloss.soft_sort(xd, eps)
+            torch.testing.assert_close(out.cpu(), ref, **tol(dtype))
+            (out * w.to(device)).sum().backward()
+            (ref * w).sum().backward()
+            torch.testing.assert_close(xd.grad.cpu(), ref_x.grad, **tol(dtype, "grad"))
+        vm = torch.func.vmap(lambda r, eps=eps: otloss.soft_sort(r, eps))(x.to(device))
+        torch.testing.assert_close(vm.cpu(), otloss.soft_sort(x.to(device), eps).cpu(), **tol(torch.float64))
+    # NaN and Inf rows with checks off: NaN rows, the others exact; with checks on: the error naming x
+    x = torch.randn(3, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(17)) * 4
+    x[1, 3] = float("inf")
+    out = otloss.soft_sort(x.to(device), 0.5, validate_args=False).cpu()
+    assert torch.isnan(out[1]).all()
+    with monkeypatch.context() as m:
+        m.setattr(sorting, "_use_kernel", lambda x: False)
+        ref = otloss.soft_sort(x[[0, 2]], 0.5)
+    torch.testing.assert_close(out[[0, 2]], ref, **tol(torch.float64))
+    with pytest.raises(ValueError, match="x contains non-finite values"):
+        otloss.soft_sort(x.to(device), 0.5)
+
+
+def test_import_otloss_does_not_import_the_kernels():
+    code = "import sys, otloss; otloss.soft_sort(__import__('torch').randn(4), 1.0); print('otloss.ops.soft_sort' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.requires_cuda
