@@ -32,11 +32,12 @@ def _l2_pav_rows_kernel(
     STK_S,  # [rows, n] float64 scratch: block sums
     STK_C,  # [rows, n] float64 scratch: block sizes
     STK_F,  # [rows, n] int32 scratch: block first positions
+    EPS,  # [1] float64: eps (a float argument would be passed as float32)
     n,
-    eps,
     EPS_AT_MOST_ONE: tl.constexpr,
 ):
     base = tl.program_id(0).to(tl.int64) * n
+    eps = tl.load(EPS)
     top = 0
     for i in range(0, n):
         s = tl.load(XS + base + i)
@@ -87,5 +88,8 @@ def l2_blocks_triton(xs: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     stk_s = torch.empty((rows, n), dtype=torch.float64, device=xs.device)
     stk_c = torch.empty((rows, n), dtype=torch.float64, device=xs.device)
     stk_f = torch.zeros((rows, n), dtype=torch.int32, device=xs.device)
-    _l2_pav_rows_kernel[(rows,)](xs, first, size, stk_s, stk_c, stk_f, n, eps, EPS_AT_MOST_ONE=eps <= 1.0, num_warps=1)
+    eps_t = torch.full((1,), eps, dtype=torch.float64, device=xs.device)
+    _l2_pav_rows_kernel[(rows,)](
+        xs, first, size, stk_s, stk_c, stk_f, eps_t, n, EPS_AT_MOST_ONE=eps <= 1.0, num_warps=1
+    )
     return first.to(torch.int64), size
