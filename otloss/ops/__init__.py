@@ -34,14 +34,19 @@ __all__ = [
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.cache
+_TRITON: list[bool] = []  # filled by the first triton_available() call
+
+
 def triton_available() -> bool:
     """Whether triton imports (checked once)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if not _TRITON:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _TRITON.append(False)
+        else:
+            _TRITON.append(True)
+    return _TRITON[0]
 
 
 def interpret_mode() -> bool:
@@ -84,7 +89,7 @@ def unsupported_reason(u: Tensor, v: Tensor, cost: Cost, weighted: bool, soft: b
     that reason is not cached.
     """
     kernel_id = cost.kernel_id
-    reason = _reason(
+    reason = (_reason.__wrapped__ if torch.compiler.is_compiling() else _reason)(  # dynamo traces it anyway
         u.device.type,
         u.dtype,
         u.shape[-1],
