@@ -1,4 +1,4 @@
-"""What the TRL and Lightning adapters share: the loss module, class counts, gathers, metrics, a tiny model.
+"""What the TRL and Lightning adapters share: the loss module, the PLOT term, class counts, gathers, metrics, a tiny model.
 
 Needs only torch at import time (``transformers`` only inside :func:`tiny_causal_lm`).
 
@@ -6,7 +6,9 @@ Metric convention (both adapters): ``rewards/chosen`` and ``rewards/rejected`` a
 TRL's implicit rewards ``beta * (logp_policy - logp_ref)``, averaged over the chosen
 (desirable) and rejected (undesirable) completions; ``rewards/margins`` and
 ``rewards/accuracies`` compare them. The FSD diagnostics are in log-ratio units
-(not multiplied by ``beta``), on the two distributions the loss compares.
+(not multiplied by ``beta``), on the two distributions the loss compares. With PLOT on,
+``plot/term`` is ``L_PLOT`` (before the factor ``alpha``) and ``plot/chosen_ot``,
+``plot/rejected_ot`` the mean token-OT costs of the chosen and rejected responses.
 """
 
 from __future__ import annotations
@@ -21,13 +23,17 @@ from otloss.diagnostics import fsd_report
 from otloss.distributed import all_gather_variable
 from otloss.functional import aot_loss
 from otloss.modules import AOTLoss
+from otloss.tokens import PLOTLoss, PLOTOutput
 
 __all__ = [
     "DEFAULT_BETA",
     "AdapterLoss",
     "aot_uv",
+    "build_plot",
     "gather_logps",
+    "input_embeddings",
     "install_hint",
+    "plot_term",
     "preference_metrics",
     "tiny_causal_lm",
     "world_size",
@@ -92,6 +98,51 @@ class AdapterLoss(AOTLoss):
         options["group"] = self.group if options["global_batch"] else None
         options["memory"] = self.memory if self.training else None
         return aot_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, **options)
+
+
+def build_plot(
+    alpha: float, mode: str, cost: str, epsilon: float, margin: float | None, embedding_grad: bool
+) -> PLOTLoss | None:
+    """The PLOT term an adapter adds to its loss, ``alpha * L_PLOT`` (:class:`otloss.PLOTLoss` with ``base=None``).
+
+    Validates every option now. Returns ``None`` when ``alpha == 0``: PLOT is off and the
+    adapter's loss is exactly the one without it. The push is the core's bounded hinge
+    (see ``docs/plot.md``).
+    """
+    if cost != "cosine" and margin is None:
+        raise ValueError(
+            f"plot_margin must be given with plot_cost={cost!r}; the default margin 1.0 is the cosine cost's"
+        )
+    options = dict(mode=mode, cost=cost, epsilon=epsilon, margin=margin, embedding_grad=embedding_grad)
+    loss = PLOTLoss(base=None, alpha=alpha, return_components=True, **options)
+    return loss if alpha else None
+
+
+def input_embeddings(model: torch.nn.Module) -> Tensor:
+    """The model's input embedding matrix ``[V, D]`` (gathered whole when FSDP2 shards it)."""
+    weight = model.get_input_embeddings().weight
+    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+
+
+def plot_term(plot: PLOTLoss, logits: Tensor, labels: Tensor, chosen: Tensor, embeddings: Tensor) -> PLOTOutput | None:
+    """``plot``'s term for one batch of responses, computed on the logits the policy forward made.
+
+    Args:
+        plot: from :func:`build_plot`.
+        logits: ``[rows, T, V]`` policy logits; a view such as ``logits[:, :-1]`` is read in place.
+        labels: ``[rows, T]`` their shifted labels, ``-100`` on prompt and padding.
+        chosen: ``[rows]`` bool, True for the chosen (desirable) responses, False for the rejected.
+        embeddings: ``[V, D]``, e.g. :func:`input_embeddings`.
+
+    Returns:
+        The :class:`otloss.PLOTOutput` (``.loss`` is ``alpha * L_PLOT``), or ``None`` when the batch
+        lacks a chosen or a rejected response. Each side is the whole ``logits`` with the other side's
+        labels set to ``-100``, which the core skips: no row of the logits is copied.
+    """
+    if chosen.all() or not chosen.any():
+        return None
+    side = chosen.to(labels.device)[:, None]
+    return plot(logits, labels.masked_fill(~side, -100), logits, labels.masked_fill(side, -100), embeddings)
 
 
 def aot_uv(logps: Sequence[Tensor], paired: bool) -> tuple[Tensor, Tensor]:

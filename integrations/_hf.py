@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any, Literal
 
 import torch
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 __all__ = [
     "PairedCollator",
     "UnpairedCollator",
+    "check_transformers_peft",
     "disable_adapters",
     "is_peft_model",
     "sequence_logps",
@@ -73,6 +75,29 @@ def is_peft_model(model: nn.Module) -> bool:
     return isinstance(inner, PeftModel)
 
 
+def check_transformers_peft() -> None:
+    """Refuse transformers' own PEFT integration (``model.add_adapter(...)``) where it cannot run.
+
+    transformers 5.24 and later need peft 0.22 or later for it (``add_adapter``,
+    ``disable_adapters``, ``enable_adapters``); transformers 5.23 works with peft 0.20
+    and later. A ``peft.PeftModel`` (``peft.get_peft_model``) does not go through this
+    integration and works with either.
+
+    Raises:
+        ImportError: transformers >= 5.24 with peft < 0.22, naming the versions that work.
+    """
+    from packaging.version import Version
+
+    transformers, peft = metadata.version("transformers"), metadata.version("peft")
+    if Version(transformers) >= Version("5.24") and Version(peft) < Version("0.22"):
+        raise ImportError(
+            f"transformers {transformers} needs peft>=0.22 for adapters added with model.add_adapter(...), found peft "
+            f"{peft}. Versions that work: transformers<5.24 with peft>=0.20 (e.g. transformers 5.23 with peft 0.21.2), "
+            "or transformers>=5.24 with peft>=0.22. Or wrap the model with peft.get_peft_model(model, LoraConfig(...)), "
+            "which works with either."
+        )
+
+
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Context in which ``model`` runs without its PEFT adapters (the frozen base model).
@@ -82,9 +107,12 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 
     Raises:
         TypeError: ``model`` has no PEFT adapters (see :func:`is_peft_model`).
+        ImportError: adapters added through transformers' integration, with versions
+            that cannot disable them (see :func:`check_transformers_peft`).
     """
     inner = unwrap_model(model)
     if getattr(inner, "_hf_peft_config_loaded", False) and not hasattr(inner, "disable_adapter"):
+        check_transformers_peft()
         inner.disable_adapters()
         try:
             yield
@@ -123,7 +151,8 @@ def sequence_logps(
     loss_mask: Tensor,
     *,
     reduction: Literal["sum", "mean"] = "sum",
-) -> Tensor:
+    return_logits: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probability of the completion part of each sequence under a causal LM.
 
     Token ``t`` is scored by the logits at position ``t - 1``, so position 0 is
@@ -136,9 +165,11 @@ def sequence_logps(
         loss_mask: ``[B, T]``, 1 on the completion tokens to score.
         reduction: ``"sum"`` (the sequence log-probability, as in the AOT paper) or
             ``"mean"`` (per scored token: length-normalised).
+        return_logits: also return the model's ``[B, T, V]`` logits (the same tensor, no copy).
 
     Returns:
-        ``[B]`` float32 log-probabilities (float64 for a float64 model).
+        ``[B]`` float32 log-probabilities (float64 for a float64 model), and the logits when
+        ``return_logits``.
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
@@ -154,7 +185,7 @@ def sequence_logps(
     total = lp.masked_fill(~mask, 0.0).sum(-1)
     if reduction == "mean":
         total = total / mask.sum(-1).clamp_min(1).to(total.dtype)
-    return total
+    return (total, logits) if return_logits else total
 
 
 # --------------------------------------------------------------------------- data

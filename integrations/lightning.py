@@ -39,13 +39,24 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
     ) from exc
 
 import torch
-from otloss.integrations._common import DEFAULT_BETA, AdapterLoss, aot_uv, gather_logps, preference_metrics
+from otloss.integrations._common import (
+    DEFAULT_BETA,
+    AdapterLoss,
+    aot_uv,
+    build_plot,
+    gather_logps,
+    input_embeddings,
+    plot_term,
+    preference_metrics,
+)
 from otloss.integrations._hf import (
     PairedCollator,
     UnpairedCollator,
+    check_transformers_peft,
     disable_adapters,
     is_peft_model,
     sequence_logps,
+    unwrap_model,
 )
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
@@ -64,6 +75,7 @@ __all__ = [
 ]
 
 _LOGP_KEYS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
+_PLOT_KEYS = ("plot/term", "plot/chosen_ot", "plot/rejected_ot")
 _PAIRED_KEYS = tuple(
     f"{side}_{k}" for side in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "loss_mask")
 )
@@ -105,7 +117,14 @@ class AOTAlignmentModule(pl.LightningModule):
     pairs), ``logps/chosen``, ``logps/rejected``; the FSD diagnostics of
     :func:`otloss.fsd_report` of the loss's ``u`` over ``v`` in log-ratio units
     (``fsd_area``, ``fsd_w1``, ``fsd_w2``, ``quantile_margin_<t>``);
-    ``skipped_batches`` for unpaired batches lacking a class.
+    ``skipped_batches`` for unpaired batches lacking a class; with PLOT on (``plot_alpha > 0``),
+    ``plot/term``, ``plot/chosen_ot`` and ``plot/rejected_ot``.
+
+    PLOT (``plot_alpha > 0``): the loss becomes ``AOT + plot_alpha * L_PLOT``, with
+    ``L_PLOT`` the core's :func:`otloss.plot_loss` term (``base=None``) on the policy's
+    logits of the step's forward (no copy of them is made) and the model's input
+    embedding matrix. It is computed on the local batch, when it holds a chosen and a
+    rejected response, in training and validation.
 
     Unpaired batch with no desirable or no undesirable sample: the AOT loss is
     undefined. In a single process ``training_step`` returns ``None`` before any
@@ -152,9 +171,19 @@ class AOTAlignmentModule(pl.LightningModule):
             model). ``None`` uses the model's ``_no_split_modules`` (the decoder
             layer class of every ``transformers`` LM). Ignored by other strategies.
         fsdp2_kwargs: extra keyword arguments for ``fully_shard`` (e.g. ``mp_policy``).
+        plot_alpha: weight of the PLOT term; ``0`` (default) turns PLOT off: the loss,
+            the metrics and the work are exactly AOT's.
+        plot_mode, plot_cost, plot_epsilon: ``mode``, ``cost`` and ``epsilon`` of
+            :func:`otloss.token_ot_loss` (defaults ``"sequence"``, ``"cosine"``, ``0.05``).
+        plot_margin: the hinge margin of the push on rejected responses; ``None`` is
+            1.0 with the cosine cost and must be given with ``"sqeuclidean"``.
+        plot_embedding_grad: let gradients flow into the embedding matrix (default:
+            detached, a fixed geometry).
 
     Raises:
         ValueError / TypeError: incompatible options, at construction.
+        ImportError: a reference taken through transformers' PEFT integration
+            (``model.add_adapter``) with transformers >= 5.24 and peft < 0.22.
     """
 
     def __init__(
@@ -181,6 +210,12 @@ class AOTAlignmentModule(pl.LightningModule):
         validate_args: bool | None = None,
         fsdp2_modules: Sequence[str | type[nn.Module]] | None = None,
         fsdp2_kwargs: Mapping[str, Any] | None = None,
+        plot_alpha: float = 0.0,
+        plot_mode: Literal["sequence", "position"] = "sequence",
+        plot_cost: Literal["cosine", "sqeuclidean"] = "cosine",
+        plot_epsilon: float = 0.05,
+        plot_margin: float | None = None,
+        plot_embedding_grad: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -205,6 +240,8 @@ class AOTAlignmentModule(pl.LightningModule):
                 "adapters: wrap it with LoRA (peft.get_peft_model(model, LoraConfig(...))) or pass "
                 "ref_model=copy.deepcopy(model) before training"
             )
+        elif getattr(unwrap_model(model), "_hf_peft_config_loaded", False):
+            check_transformers_peft()  # adapters added with model.add_adapter: disabled through transformers
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("model has no trainable parameter (every requires_grad is False)")
         if optimizer != "adamw" and not callable(optimizer):
@@ -236,6 +273,7 @@ class AOTAlignmentModule(pl.LightningModule):
             global_batch=global_batch,
             memory=QuantileMemory() if accumulate_quantiles else None,
         )
+        self.plot = build_plot(plot_alpha, plot_mode, plot_cost, plot_epsilon, plot_margin, plot_embedding_grad)
         self.paired = paired
         self.reward_beta = DEFAULT_BETA if beta is None else float(beta)
         self.logps_reduction = logps_reduction
@@ -253,6 +291,8 @@ class AOTAlignmentModule(pl.LightningModule):
         hparams.update(
             weight_decay=float(weight_decay), reference="disabled_adapters" if ref_model is None else "ref_model"
         )
+        hparams.update(plot_alpha=plot_alpha, plot_mode=plot_mode, plot_cost=plot_cost, plot_epsilon=plot_epsilon)
+        hparams.update(plot_margin=plot_margin, plot_embedding_grad=plot_embedding_grad)
         self.save_hyperparameters(
             {k: v if isinstance(v, (str, bool, int, float, type(None))) else repr(v) for k, v in hparams.items()}
         )
@@ -356,6 +396,10 @@ class AOTAlignmentModule(pl.LightningModule):
             ``[B]`` each when paired; ``[n]`` and ``[m]`` (the desirable and
             undesirable samples) when unpaired. Float32.
         """
+        return self._logps_and_plot(batch, plot=False)[0]
+
+    def _logps_and_plot(self, batch: Mapping[str, Tensor], plot: bool) -> tuple[dict[str, Tensor], Any]:
+        """:meth:`compute_logps` and, when ``plot`` and PLOT is on, the PLOT output on the policy's logits."""
         inputs = self._model_inputs(batch)
         with torch.no_grad():
             if self.ref_model is not None:
@@ -363,12 +407,16 @@ class AOTAlignmentModule(pl.LightningModule):
             else:
                 with disable_adapters(self.model):
                     ref = sequence_logps(self.model, *inputs, reduction=self.logps_reduction)
-        policy = sequence_logps(self.model, *inputs, reduction=self.logps_reduction)
+        policy, logits = sequence_logps(self.model, *inputs, reduction=self.logps_reduction, return_logits=True)
         if self.paired:
             chosen = torch.arange(policy.shape[0], device=policy.device) < batch["chosen_input_ids"].shape[0]
         else:
             chosen = batch["label"].to(device=policy.device, dtype=torch.bool)
-        return dict(zip(_LOGP_KEYS, (policy[chosen], policy[~chosen], ref[chosen], ref[~chosen])))
+        logps = dict(zip(_LOGP_KEYS, (policy[chosen], policy[~chosen], ref[chosen], ref[~chosen])))
+        if not plot or self.plot is None:
+            return logps, None
+        labels = inputs[0][:, 1:].masked_fill(inputs[2][:, 1:] == 0, -100)
+        return logps, plot_term(self.plot, logits[:, :-1], labels, chosen, input_embeddings(self.model))
 
     def _has_both_classes(self, batch: Mapping[str, Tensor]) -> bool:
         """Whether the batch that the loss sorts (local, or global with ``global_batch``) has both classes."""
@@ -388,16 +436,21 @@ class AOTAlignmentModule(pl.LightningModule):
         micro-batches of the optimizer step.
 
         Returns:
-            ``(loss, logps)``: ``loss`` is a scalar, or ``None`` for an unpaired
-            batch without a desirable or without an undesirable sample (the global
-            batch with ``global_batch``); ``logps`` as in :meth:`compute_logps`.
+            ``(loss, logps)``: ``loss`` is a scalar (``+ plot_alpha * L_PLOT`` with PLOT
+            on), or ``None`` for an unpaired batch without a desirable or without an
+            undesirable sample (the global batch with ``global_batch``); ``logps`` as in
+            :meth:`compute_logps`, plus the detached ``plot/*`` metrics when a PLOT term was added.
         """
         both = self._has_both_classes(batch)
-        logps = self.compute_logps(batch)
+        logps, plot = self._logps_and_plot(batch, plot=both)
         if not both:
             return None, logps
         self.loss_fn.train(self.training)
-        return self.loss_fn(*(logps[k] for k in _LOGP_KEYS)), logps
+        loss = self.loss_fn(*(logps[k] for k in _LOGP_KEYS))
+        if plot is None:
+            return loss, logps
+        logps.update(zip(_PLOT_KEYS, (plot.plot_term, plot.chosen_ot, plot.rejected_ot)))
+        return loss + plot.loss, logps
 
     def _metrics(self, logps: Sequence[Tensor]) -> dict[str, float]:
         fsd_quantiles = self.fsd_quantiles if self.log_fsd else None
@@ -425,6 +478,9 @@ class AOTAlignmentModule(pl.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
         for key, value in self._metrics([logps[k].detach() for k in _LOGP_KEYS]).items():
             self.log(f"train/{key}", value, batch_size=bs)
+        for key in _PLOT_KEYS:
+            if key in logps:
+                self.log(f"train/{key}", logps[key], batch_size=bs)
         return loss
 
     def on_fit_start(self) -> None:
@@ -452,7 +508,9 @@ class AOTAlignmentModule(pl.LightningModule):
         """Logs ``val/loss`` (epoch mean over batches) and stores the log-probabilities for the epoch-end diagnostics."""
         loss, logps = self.compute_loss(batch)
         if loss is not None:
-            self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=self._batch_size(batch))
+            bs = self._batch_size(batch)
+            for key, value in {"loss": loss, **{k: logps[k] for k in _PLOT_KEYS if k in logps}}.items():
+                self.log(f"val/{key}", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=bs)
         self._val_logps.append(tuple(logps[k].detach().float() for k in _LOGP_KEYS))
         return loss
 

@@ -14,6 +14,10 @@ examples per batch; sorting across ranks (``global_batch``) and across the
 micro-batches of an optimizer step (``accumulate_quantiles``); FSD diagnostics in the
 logs (``fsd/area``, ``fsd/w1``, ``fsd/w2``, ``fsd/quantile_margin_<t>``).
 
+PLOT (:func:`otloss.plot_loss`, one option away): ``AOTConfig(plot_alpha=...)`` adds
+``plot_alpha * L_PLOT`` to the AOT loss, and :class:`PLOTDPOTrainer` with
+:class:`PLOTDPOConfig` adds it to any ``DPOTrainer`` loss.
+
 Example:
     >>> from otloss.integrations.trl import AOTConfig, AOTTrainer
     >>> args = AOTConfig(output_dir="out", paired=True, cost="logistic", beta=0.01)
@@ -25,11 +29,22 @@ Requires ``trl>=1.15``: ``pip install "torch-otloss[trl]"`` (or ``pip install -e
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from otloss.integrations._common import AdapterLoss, gather_logps, install_hint, preference_metrics, world_size
+from otloss.integrations._common import (
+    AdapterLoss,
+    build_plot,
+    gather_logps,
+    input_embeddings,
+    install_hint,
+    plot_term,
+    preference_metrics,
+    world_size,
+)
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -59,7 +74,7 @@ if Version(trl.__version__) < Version(_MIN_TRL):
         + install_hint("trl")
     )
 
-__all__ = ["AOTConfig", "AOTTrainer"]
+__all__ = ["AOTConfig", "AOTTrainer", "PLOTDPOConfig", "PLOTDPOTrainer", "PLOTOptions"]
 
 _LOSS_TYPES = {"aot": True, "aot_unpaired": False}
 _EMPTY_CLASS = ("skip", "carry_over")
@@ -132,6 +147,120 @@ def _build_loss(args: AOTConfig) -> AdapterLoss:
     )
 
 
+@dataclass
+class PLOTOptions:
+    """The PLOT options of :class:`AOTConfig` and :class:`PLOTDPOConfig`: the loss gains ``plot_alpha * L_PLOT``.
+
+    ``L_PLOT`` is :func:`otloss.plot_loss`'s token-level term (``base=None``, hinge push),
+    on the policy's logits of the step and the model's input embedding matrix. TRL's
+    fused LM head never forms the logits, so with ``plot_alpha > 0`` the trainer forms
+    them once, from the hidden states of the policy forward (no second forward), over
+    the columns from the first completion token on; their memory is that of one
+    ``[2B, T, V]`` tensor in the model's dtype. Logged: ``plot/term`` (``L_PLOT``),
+    ``plot/chosen_ot`` and ``plot/rejected_ot``.
+
+    Args:
+        plot_alpha: weight of ``L_PLOT``, ``>= 0``; ``0`` (default) turns PLOT off (the
+            loss, metrics and work are exactly those without it).
+        plot_mode, plot_cost, plot_epsilon: ``mode``, ``cost`` and ``epsilon`` of
+            :func:`otloss.token_ot_loss` (defaults ``"sequence"``, ``"cosine"``, ``0.05``).
+        plot_margin: the hinge margin of the push on rejected responses; ``None`` is 1.0
+            with the cosine cost and must be given with ``"sqeuclidean"``.
+        plot_embedding_grad: let gradients flow into the embedding matrix (default:
+            detached, a fixed geometry).
+    """
+
+    plot_alpha: float = field(default=0.0, metadata={"help": "Weight of the PLOT term; 0 turns PLOT off."})
+    plot_mode: str = field(default="sequence", metadata={"help": "Token OT mode: 'sequence' or 'position'."})
+    plot_cost: str = field(default="cosine", metadata={"help": "Token cost: 'cosine' or 'sqeuclidean'."})
+    plot_epsilon: float = field(default=0.05, metadata={"help": "Entropic regularisation (cost units); 0: exact."})
+    plot_margin: float | None = field(default=None, metadata={"help": "Hinge margin of the push (None: 1.0)."})
+    plot_embedding_grad: bool = field(default=False, metadata={"help": "Let gradients flow into the embeddings."})
+
+    def _build_plot(self):
+        return build_plot(
+            self.plot_alpha,
+            self.plot_mode,
+            self.plot_cost,
+            self.plot_epsilon,
+            self.plot_margin,
+            self.plot_embedding_grad,
+        )
+
+
+@dataclass
+class PLOTDPOConfig(PLOTOptions, DPOConfig):
+    """``DPOConfig`` plus the options of :class:`PLOTOptions`, for :class:`PLOTDPOTrainer`."""
+
+    def __post_init__(self) -> None:
+        self._build_plot()
+        super().__post_init__()
+
+
+class _PLOTMixin:
+    """Adds ``plot_alpha * L_PLOT`` to a ``DPOTrainer`` subclass's loss (see :class:`PLOTOptions`)."""
+
+    def _init_plot(self) -> None:
+        self.plot_loss = self.args._build_plot()
+        if self.plot_loss is None:
+            return
+        inner = self.accelerator.unwrap_model(self.model)
+        self._plot_lm = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+        config = self._plot_lm.config.get_text_config()
+        scaling = (
+            "final_logit_softcapping",
+            "logit_scale",
+            "output_multiplier",
+            "lm_head_multiplier",
+            "logits_scaling",
+        )
+        scaled = [name for name in scaling if getattr(config, name, None) not in (None, 1, 1.0)]
+        if scaled:  # TRL's fused head applies them; lm_head(hidden) would not
+            raise ValueError(
+                f"plot_alpha > 0 forms the logits as lm_head(hidden states), but {type(self._plot_lm).__name__} "
+                f"also transforms them ({', '.join(scaled)}): PLOT does not support this model yet; set plot_alpha=0"
+            )
+
+    @contextlib.contextmanager
+    def _capture_hidden(self) -> Iterator[list[Tensor]]:
+        """Keeps the hidden states of the first backbone call in the context (the policy forward), when PLOT is on."""
+        hidden: list[Tensor] = []
+        if self.plot_loss is None:
+            yield hidden
+            return
+
+        def keep(module, args, out) -> None:
+            if not hidden:
+                hidden.append(out[0])
+
+        hook = self._plot_lm.base_model.register_forward_hook(keep)
+        try:
+            yield hidden
+        finally:
+            hook.remove()
+
+    def _add_plot(self, loss: Tensor, hidden: list[Tensor], inputs: dict[str, Tensor], chosen: Tensor) -> Tensor:
+        """``loss + plot_alpha * L_PLOT`` of the batch whose policy forward gave ``hidden``; logs ``plot/*``."""
+        if not hidden:
+            return loss
+        mask = inputs["completion_mask"][:, 1:] != 0
+        labels = inputs["input_ids"][:, 1:].masked_fill(~mask, -100)
+        start = int(mask.any(0).float().argmax())  # the columns before every completion are never scored
+        states = hidden[0][:, -inputs["input_ids"].size(1) :][:, start:-1]  # prompt-learning PEFT prepends tokens
+        head = self._plot_lm.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if hasattr(weight, "full_tensor"):  # FSDP2: gathered once, as TRL's fused head does
+            weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
+        logits = torch.nn.functional.linear(states.to(weight.device), weight, bias)
+        out = plot_term(self.plot_loss, logits, labels[:, start:], chosen, input_embeddings(self._plot_lm))
+        if out is None:
+            return loss
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        for key, value in (("term", out.plot_term), ("chosen_ot", out.chosen_ot), ("rejected_ot", out.rejected_ot)):
+            metrics[f"plot/{key}"].append(self.accelerator.gather_for_metrics(value).mean().item())
+        return loss + out.loss.to(loss.device)
+
+
 class _ResetQuantileMemory(TrainerCallback):
     """Empties the quantile memory when an optimizer step ends, and at the start of training and of each epoch."""
 
@@ -145,7 +274,7 @@ class _ResetQuantileMemory(TrainerCallback):
 
 
 @dataclass
-class AOTConfig(DPOConfig):
+class AOTConfig(PLOTOptions, DPOConfig):
     r"""Configuration of :class:`AOTTrainer`: every ``DPOConfig`` option, with its default, plus the AOT ones below.
 
     ``loss_type`` accepts ``"aot"`` and ``"aot_unpaired"`` (TRL's names) or may be left
@@ -163,6 +292,9 @@ class AOTConfig(DPOConfig):
     and without ``use_cpu=True``, it is turned off (float32 training), where
     ``DPOConfig`` would turn it on and fail with "Your setup doesn't support bf16/gpu".
     Everywhere else it follows ``DPOConfig``.
+
+    PLOT: the ``plot_*`` options of :class:`PLOTOptions` (``plot_alpha > 0`` adds
+    ``plot_alpha * L_PLOT`` to the AOT loss).
 
     Args:
         paired: ``True`` is TRL's ``"aot"`` (the distribution of policy margins
@@ -220,6 +352,7 @@ class AOTConfig(DPOConfig):
     def __post_init__(self) -> None:
         self.paired, self.loss_type = _resolve_loss_type(self.loss_type, self.paired)
         _build_loss(self)
+        self._build_plot()
         if self.bf16 is None and not self.fp16 and not self.use_cpu:
             if not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
                 self.bf16 = False  # no bf16-capable accelerator: TrainingArguments would refuse bf16
@@ -236,7 +369,7 @@ def _pad_to(t: Tensor, length: int, value: int) -> Tensor:
     return t if t.size(1) == length else torch.cat([t, t.new_full((t.size(0), length - t.size(1)), value)], dim=1)
 
 
-class AOTTrainer(DPOTrainer):
+class AOTTrainer(_PLOTMixin, DPOTrainer):
     """TRL ``DPOTrainer`` whose loss is otloss's AOT loss.
 
     Takes ``DPOTrainer``'s arguments (``model``, ``ref_model``, ``args``,
@@ -270,7 +403,9 @@ class AOTTrainer(DPOTrainer):
     KTO data, ``rewards/accuracies`` is the fraction of (desirable, undesirable) pairs
     ranked correctly and ``rewards/margins`` the difference of the class means;
     ``aot/num_chosen``, ``aot/num_rejected`` and ``aot/empty_class`` (fraction of
-    batches lacking a class) are logged too.
+    batches lacking a class) are logged too. With ``plot_alpha > 0`` the loss gains
+    ``plot_alpha * L_PLOT`` (see :class:`PLOTOptions`; on KTO data each desirable
+    completion is pulled and each undesirable one pushed), logged as ``plot/*``.
 
     Raises:
         TypeError: ``args`` is not an :class:`AOTConfig`.
@@ -344,6 +479,7 @@ class AOTTrainer(DPOTrainer):
         )
         if self._unpaired_data and not self._user_collator:
             self.data_collator = self._unpaired_collator()
+        self._init_plot()
         world = world_size()
         if args.global_batch and world > 1 and self.accelerator.num_processes != world:
             # the sort would gather the same, unsharded batches from every process
@@ -498,7 +634,8 @@ class AOTTrainer(DPOTrainer):
         rows = inputs["input_ids"].size(0)
         device = inputs["input_ids"].device
         chosen_rows = inputs["label"].to(device, torch.bool) if kto else torch.arange(rows, device=device) < rows // 2
-        logps, outputs, model_kwargs = self._policy_forward(model, inputs, chosen_rows, mode)
+        with self._capture_hidden() as hidden:
+            logps, outputs, model_kwargs = self._policy_forward(model, inputs, chosen_rows, mode)
 
         # Reference: precomputed, or TRL's compute_ref_log_probs (ref model or disabled adapters).
         if not self.precompute_ref_logps:
@@ -514,7 +651,7 @@ class AOTTrainer(DPOTrainer):
 
         self.aot_loss.train(mode == "train")  # the quantile memory serves training only
         if self.aot_loss.has_both_classes(four[0].numel(), four[1].numel(), logps.device):
-            loss = self.aot_loss(*four)
+            loss = self._add_plot(self.aot_loss(*four), hidden, inputs, chosen_rows)
         else:  # zero loss and gradient, but every parameter stays in the graph (DDP needs it)
             loss = (logps * 0.0).sum()
             if carry_over:
@@ -540,3 +677,35 @@ class AOTTrainer(DPOTrainer):
                 outputs = model(**model_kwargs)
             return loss, outputs
         return loss
+
+
+class PLOTDPOTrainer(_PLOTMixin, DPOTrainer):
+    """TRL's ``DPOTrainer`` whose loss (any ``loss_type``) gains ``plot_alpha * L_PLOT`` (see :class:`PLOTOptions`).
+
+    Takes ``DPOTrainer``'s arguments; ``args`` must be a :class:`PLOTDPOConfig`. The
+    base loss, its metrics and everything else are TRL's; with ``plot_alpha=0`` the
+    trainer is ``DPOTrainer``.
+
+    Example:
+        >>> args = PLOTDPOConfig(output_dir="out", beta=0.1, plot_alpha=0.5, plot_mode="position")
+        >>> PLOTDPOTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer).train()
+
+    Raises:
+        TypeError: ``args`` is not a :class:`PLOTDPOConfig`.
+    """
+
+    _tag_names: ClassVar[list[str]] = ["trl", "dpo", "plot", "otloss"]
+
+    def __init__(self, model: Any, ref_model: Any = None, args: PLOTDPOConfig | None = None, **kwargs: Any) -> None:
+        if not isinstance(args, PLOTDPOConfig):
+            raise TypeError(f"PLOTDPOTrainer needs a PLOTDPOConfig (DPOConfig plus plot_*), got {type(args).__name__}")
+        super().__init__(model, ref_model=ref_model, args=args, **kwargs)
+        self._init_plot()
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        with self._capture_hidden() as hidden:
+            out = super()._compute_loss(model, inputs, return_outputs)
+        rows = inputs["input_ids"].size(0)
+        chosen = torch.arange(rows, device=inputs["input_ids"].device) < rows // 2  # TRL's [chosen; rejected] batch
+        loss = self._add_plot(out[0] if return_outputs else out, hidden, inputs, chosen)
+        return (loss, out[1]) if return_outputs else loss

@@ -115,3 +115,28 @@ def test_tiny_causal_lm_depends_only_on_the_seed():
     assert a.config.num_hidden_layers == 2 and a.config.vocab_size == 64
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
+
+
+def test_plot_term_is_the_core_term_on_each_class_without_copying_rows():
+    from otloss.integrations._common import build_plot, plot_term
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (5, 7), generator=g)
+    labels[:, :2] = -100
+    chosen = torch.tensor([True, False, True, True, False])  # rows not in halves, as on KTO data
+    embeddings = torch.randn(11, 4, generator=g, dtype=torch.float64)
+    plot = build_plot(0.4, "sequence", "cosine", 0.05, None, False)
+    out = plot_term(plot, logits[:, :-1], labels[:, :-1], chosen, embeddings)
+    expected = otloss.plot_loss(
+        logits[chosen, :-1], labels[chosen, :-1], logits[~chosen, :-1], labels[~chosen, :-1], embeddings,
+        base=None, alpha=0.4, return_components=True,
+    )  # fmt: skip
+    for got, want in zip(out, expected):
+        torch.testing.assert_close(got, want, **tol(torch.float64))
+    assert plot_term(plot, logits, labels, torch.ones(5, dtype=torch.bool), embeddings) is None
+    assert build_plot(0.0, "position", "cosine", 0.05, None, False) is None
+    with pytest.raises(ValueError, match="plot_margin must be given"):
+        build_plot(1.0, "sequence", "sqeuclidean", 0.05, None, False)
+    with pytest.raises(ValueError, match="alpha"):
+        build_plot(-1.0, "sequence", "cosine", 0.05, None, False)

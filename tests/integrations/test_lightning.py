@@ -29,7 +29,13 @@ pytest.importorskip("matplotlib")
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
-from otloss.integrations._hf import disable_adapters, is_peft_model, sequence_logps, tokenize_example
+from otloss.integrations._hf import (
+    check_transformers_peft,
+    disable_adapters,
+    is_peft_model,
+    sequence_logps,
+    tokenize_example,
+)
 from otloss.integrations.lightning import (
     AOTAlignmentModule,
     AOTDataModule,
@@ -325,7 +331,14 @@ def test_transformers_adapter_integration_reference(tok):
     model = ex.tiny_model(0).eval()
     frozen = copy.deepcopy(model)
     torch.manual_seed(0)
-    model.add_adapter(LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    lora = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    try:
+        check_transformers_peft()
+    except ImportError:  # transformers >= 5.24 with peft < 0.22: transformers itself refuses the integration
+        with pytest.raises(ValueError, match="PEFT"):
+            model.add_adapter(lora)
+        return
+    model.add_adapter(lora)
     assert is_peft_model(model)
     batch = PairedCollator(tok)(_paired_rows())
     args = (batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_loss_mask"])
@@ -336,6 +349,108 @@ def test_transformers_adapter_integration_reference(tok):
         expected = sequence_logps(frozen, *args)
     torch.testing.assert_close(ref, expected)
     assert not torch.allclose(policy, expected, atol=1e-3)  # adapters are back on after the context
+
+
+# ------------------------------------------------------------------ PLOT
+
+
+def _grads(module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in module.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(("paired", "mode"), [(True, "sequence"), (True, "position"), (False, "sequence")])
+def test_plot_adds_alpha_times_the_core_term(tok, paired, mode):
+    policy = _lora(ex.tiny_model(0)).eval() if paired else ex.tiny_model(1).eval()
+    ref = None if paired else ex.tiny_model(2)
+    plain = AOTAlignmentModule(policy, ref_model=ref, paired=paired, beta=0.5)
+    ours = AOTAlignmentModule(policy, ref_model=ref, paired=paired, beta=0.5, plot_alpha=0.3, plot_mode=mode)
+    rows = _paired_rows() if paired else ex.toy_data(7, paired=False, seed=4)
+    batch = (PairedCollator if paired else UnpairedCollator)(tok)(rows)
+    results = []
+    for module in (plain, ours):
+        policy.zero_grad(set_to_none=True)
+        loss, logps = module.compute_loss(batch)
+        loss.backward()
+        results.append((loss.detach(), logps, _grads(module)))
+    (loss0, logps0, grads0), (loss1, logps1, grads1) = results
+    # Independently: the policy's logits of each side, through otloss.plot_loss.
+    policy.zero_grad(set_to_none=True)
+    sides = []
+    for prefix, keep in (("chosen_", None), ("rejected_", None)) if paired else (("", True), ("", False)):
+        ids, mask = batch[f"{prefix}input_ids"], batch[f"{prefix}loss_mask"]
+        logits = policy(input_ids=ids, attention_mask=batch[f"{prefix}attention_mask"]).logits[:, :-1]
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        rows_kept = slice(None) if keep is None else batch["label"] == keep
+        sides += [logits[rows_kept], labels[rows_kept]]
+    term = otloss.plot_loss(
+        *sides, policy.get_input_embeddings().weight, base=None, alpha=0.3, mode=mode, return_components=True
+    )
+    term.loss.backward()
+    grads_term = {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
+    assert term.plot_term > 0 and any(g.abs().max() > 0 for g in grads_term.values())
+    torch.testing.assert_close(loss1 - loss0, term.loss.detach(), rtol=1e-5, atol=1e-6)
+    assert grads0.keys() == grads1.keys() == grads_term.keys()
+    for name, g in grads1.items():
+        torch.testing.assert_close(g - grads0[name], grads_term[name], rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(logps1["plot/term"], term.plot_term)
+    torch.testing.assert_close(logps1["plot/rejected_ot"], term.rejected_ot)
+    assert not any(k.startswith("plot/") for k in logps0)
+
+
+def test_plot_alpha_zero_is_the_plain_module_exactly(tok):
+    policy = _lora(ex.tiny_model(0)).eval()
+    batch = PairedCollator(tok)(_paired_rows())
+    plain, off = AOTAlignmentModule(policy), AOTAlignmentModule(policy, plot_alpha=0.0, plot_mode="position")
+    assert off.plot is None
+    (loss0, logps0), (loss1, logps1) = plain.compute_loss(batch), off.compute_loss(batch)
+    assert torch.equal(loss0, loss1) and logps0.keys() == logps1.keys()
+
+
+def test_plot_training_logs_the_term(tmp_path, tok):
+    module = AOTAlignmentModule(_lora(ex.tiny_model(0)), lr=1e-2, plot_alpha=1.0, plot_mode="position")
+    data = AOTDataModule(tok, ex.toy_data(8, paired=True), ex.toy_data(4, paired=True, seed=1), batch_size=4)
+    trainer = _trainer(tmp_path, max_epochs=1, log_every_n_steps=1)
+    trainer.fit(module, datamodule=data)
+    logged = trainer.callback_metrics
+    for key in ("train/plot/term", "val/plot/term", "val/plot/chosen_ot", "val/plot/rejected_ot"):
+        assert math.isfinite(float(logged[key])), key
+    assert module.hparams.plot_alpha == 1.0 and module.hparams.plot_mode == "position"
+
+
+def test_plot_options_rejected():
+    peft_model = _lora(ex.tiny_model(0), perturb=False)
+    for options, match in (
+        (dict(plot_alpha=-1.0), "alpha"),
+        (dict(plot_mode="token"), "mode"),
+        (dict(plot_epsilon=-1.0), "epsilon"),
+        (dict(plot_alpha=0.5, plot_cost="sqeuclidean"), "plot_margin must be given"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            AOTAlignmentModule(peft_model, **options)
+    assert AOTAlignmentModule(peft_model, plot_alpha=0.5, plot_cost="sqeuclidean", plot_margin=2.0).plot is not None
+
+
+def test_transformers_adapter_integration_names_the_versions_that_work(tok, monkeypatch):
+    model = ex.tiny_model(0).eval()
+    model.add_adapter(LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    installed = importlib.metadata.version
+
+    def simulate(transformers: str, peft: str) -> None:
+        versions = {"transformers": transformers, "peft": peft}
+        monkeypatch.setattr(importlib.metadata, "version", lambda name: versions.get(name) or installed(name))
+
+    simulate("5.24.0", "0.21.2")  # transformers' add_adapter then needs peft >= 0.22
+    match = r"transformers 5\.24\.0 needs peft>=0\.22.*transformers<5\.24 with peft>=0\.20.*peft\.get_peft_model"
+    with pytest.raises(ImportError, match=match):
+        AOTAlignmentModule(model)
+    with pytest.raises(ImportError, match=match):
+        with disable_adapters(model):
+            pass
+    peft_model = _lora(ex.tiny_model(0), perturb=False)  # a PeftModel does not use the integration
+    assert AOTAlignmentModule(peft_model).ref_model is None
+    for transformers, peft in (("5.24.0", "0.22.0"), ("5.23.0", "0.21.2"), ("6.0.0", "1.0.0")):
+        simulate(transformers, peft)
+        assert AOTAlignmentModule(model).ref_model is None
 
 
 # ------------------------------------------------------------------ options

@@ -19,7 +19,7 @@ pytest.importorskip("peft")
 import torch
 from datasets import Dataset
 from otloss.integrations import trl as otloss_trl
-from otloss.integrations.trl import AOTConfig, AOTTrainer
+from otloss.integrations.trl import AOTConfig, AOTTrainer, PLOTDPOConfig, PLOTDPOTrainer
 from peft import LoraConfig
 from tolerances import tol
 from trl import DPOConfig, DPOTrainer
@@ -251,6 +251,116 @@ def test_kto_carry_over_joins_the_next_batch(tmp_path, tiny_model_factory, tiny_
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-8)
     assert carry._metrics["train"]["aot/num_chosen"] == [3, 3]
     assert carry._carry is None
+
+
+# ---------------------------------------------------------------- PLOT
+
+
+def _pair(tmp_path, kind, model_factory, rows, tokenizer, **plot):
+    """(plain trainer, trainer with the PLOT options ``plot``) on the same models and data."""
+    common = _common(tmp_path, beta=0.5)
+    if kind == "dpo":
+        plain, cls, args = DPOTrainer, PLOTDPOTrainer, (DPOConfig(**common), PLOTDPOConfig(**common, **plot))
+    else:
+        paired = kind == "aot"
+        plain = cls = AOTTrainer
+        args = (AOTConfig(paired=paired, **common), AOTConfig(paired=paired, **common, **plot))
+    ds = Dataset.from_list(rows)
+    return tuple(
+        c(model_factory(0), ref_model=model_factory(1), args=a, train_dataset=ds, processing_class=tokenizer)
+        for c, a in zip((plain, cls), args)
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode"), [("aot", "sequence"), ("aot", "position"), ("aot_kto", "sequence"), ("dpo", "sequence")]
+)
+def test_plot_adds_alpha_times_the_core_term(
+    tmp_path, tiny_model_factory, tiny_tokenizer, tiny_preference_rows, tiny_unpaired_rows, kind, mode
+):
+    rows = tiny_unpaired_rows if kind == "aot_kto" else tiny_preference_rows
+    plain, ours = _pair(tmp_path, kind, tiny_model_factory, rows, tiny_tokenizer, plot_alpha=0.7, plot_mode=mode)
+    batch = _batch(plain, 6)
+    loss0, grads0 = _loss_and_grads(plain, batch)
+    loss1, grads1 = _loss_and_grads(ours, batch)
+    # Independently: the model's own logits, chosen and rejected rows sliced, through otloss.plot_loss.
+    model = tiny_model_factory(0)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["input_ids"][:, 1:].masked_fill(batch["completion_mask"][:, 1:] == 0, -100)
+    n = batch["input_ids"].size(0)
+    rows_c = batch["label"].bool() if "label" in batch else torch.arange(n) < n // 2
+    assert rows_c.any() and not rows_c.all()
+    term = otloss.plot_loss(
+        logits[rows_c], labels[rows_c], logits[~rows_c], labels[~rows_c], model.get_input_embeddings().weight,
+        base=None, alpha=0.7, mode=mode, return_components=True,
+    )  # fmt: skip
+    term.loss.backward()
+    assert term.plot_term > 0
+    torch.testing.assert_close(loss1 - loss0, term.loss.detach(), rtol=1e-5, atol=1e-6)
+    grads_term = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads1.keys() == grads0.keys() and any(g.abs().max() > 0 for g in grads_term.values())
+    assert "model.embed_tokens.weight" in grads_term  # through the forward; the cost's embeddings are detached
+    for name, g in grads1.items():
+        torch.testing.assert_close(g - grads0[name], grads_term[name], rtol=1e-4, atol=1e-6, msg=name)
+    metrics = ours._metrics["train"]
+    assert metrics["plot/term"] == [pytest.approx(term.plot_term.item(), rel=1e-5)]
+    assert metrics["plot/chosen_ot"] == [pytest.approx(term.chosen_ot.item(), rel=1e-5)]
+    assert metrics["plot/rejected_ot"] == [pytest.approx(term.rejected_ot.item(), rel=1e-5)]
+    assert not any(k.startswith("plot/") for k in plain._metrics["train"])
+
+
+@pytest.mark.parametrize("kind", ["aot", "dpo"])
+def test_plot_alpha_zero_is_the_plain_trainer_exactly(
+    tmp_path, tiny_model_factory, tiny_tokenizer, tiny_preference_rows, kind
+):
+    plain, ours = _pair(
+        tmp_path, kind, tiny_model_factory, tiny_preference_rows, tiny_tokenizer, plot_alpha=0.0, plot_mode="position"
+    )
+    assert ours.plot_loss is None
+    batch = _batch(plain, 6)
+    (loss0, grads0), (loss1, grads1) = _loss_and_grads(plain, batch), _loss_and_grads(ours, batch)
+    assert torch.equal(loss0, loss1) and grads0.keys() == grads1.keys()
+    assert all(torch.equal(g, grads1[n]) for n, g in grads0.items())
+    assert not any(k.startswith("plot/") for k in ours._metrics["train"])
+
+
+def test_plot_trains_with_lora_and_logs_the_term(tmp_path, tiny_model_factory, tiny_tokenizer, tiny_preference_rows):
+    trainer = _aot(
+        tmp_path, tiny_model_factory(0), tiny_preference_rows, peft_config=_lora(), tokenizer=tiny_tokenizer,
+        plot_alpha=1.0, max_steps=2,
+    )  # fmt: skip
+    assert trainer.ref_model is None  # the reference forward runs the same backbone: only the first call is kept
+    trainer.train()
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    assert {"plot/term", "plot/chosen_ot", "plot/rejected_ot"} <= logged
+    with torch.no_grad():
+        assert torch.isfinite(trainer.compute_loss(trainer.model, _batch(trainer, 4)))
+
+
+PLOT_REFUSED = [
+    (dict(plot_alpha=-1.0), "alpha"),
+    (dict(plot_mode="token"), "mode"),
+    (dict(plot_cost="l1"), "cost"),
+    (dict(plot_epsilon=-0.1), "epsilon"),
+    (dict(plot_alpha=1.0, plot_cost="sqeuclidean"), "plot_margin must be given"),
+]
+
+
+@pytest.mark.parametrize(("options", "match"), PLOT_REFUSED, ids=[str(o) for o, _ in PLOT_REFUSED])
+def test_plot_options_refused_in_configs(tmp_path, options, match):
+    for cls in (AOTConfig, PLOTDPOConfig):
+        with pytest.raises(ValueError, match=match):
+            cls(output_dir=str(tmp_path), use_cpu=True, bf16=False, **options)
+
+
+def test_plot_dpo_trainer_needs_its_config(tmp_path, tiny_model_factory, tiny_tokenizer, tiny_preference_rows):
+    with pytest.raises(TypeError, match="PLOTDPOConfig"):
+        PLOTDPOTrainer(
+            tiny_model_factory(0),
+            args=DPOConfig(**_common(tmp_path)),
+            train_dataset=Dataset.from_list(tiny_preference_rows),
+            processing_class=tiny_tokenizer,
+        )
 
 
 # ---------------------------------------------------------------- training
