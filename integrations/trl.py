@@ -200,6 +200,8 @@ class PLOTDPOConfig(PLOTOptions, DPOConfig):
 class _PLOTMixin:
     """Adds ``plot_alpha * L_PLOT`` to a ``DPOTrainer`` subclass's loss (see :class:`PLOTOptions`)."""
 
+    _SCALING = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
     def _init_plot(self) -> None:
         self.plot_loss = self.args._build_plot()
         if self.plot_loss is None:
@@ -207,58 +209,64 @@ class _PLOTMixin:
         inner = self.accelerator.unwrap_model(self.model)
         self._plot_lm = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
         config = self._plot_lm.config.get_text_config()
-        scaling = (
-            "final_logit_softcapping",
-            "logit_scale",
-            "output_multiplier",
-            "lm_head_multiplier",
-            "logits_scaling",
-        )
-        scaled = [name for name in scaling if getattr(config, name, None) not in (None, 1, 1.0)]
-        if scaled:  # TRL's fused head applies them; lm_head(hidden) would not
+        scaled = [name for name in self._SCALING if getattr(config, name, None) not in (None, 1, 1.0)]
+        if scaled:  # TRL's fused head applies them; lm_head(hidden states) would not
             raise ValueError(
                 f"plot_alpha > 0 forms the logits as lm_head(hidden states), but {type(self._plot_lm).__name__} "
                 f"also transforms them ({', '.join(scaled)}): PLOT does not support this model yet; set plot_alpha=0"
             )
 
     @contextlib.contextmanager
-    def _capture_hidden(self) -> Iterator[list[Tensor]]:
-        """Keeps the hidden states of the first backbone call in the context (the policy forward), when PLOT is on."""
-        hidden: list[Tensor] = []
+    def _plot_logits(self, inputs: dict[str, Tensor]) -> Iterator[list[tuple[Tensor, Tensor]]]:
+        """Within the context, the first backbone call (the policy forward) yields ``(logits, labels)`` for PLOT.
+
+        The logits are formed inside that forward, from its last hidden states, over
+        the columns from the first completion token on (the earlier ones are never scored).
+        """
+        found: list[tuple[Tensor, Tensor]] = []
         if self.plot_loss is None:
-            yield hidden
+            yield found
             return
+        mask = inputs["completion_mask"][:, 1:] != 0
+        start = int(mask.any(0).float().argmax())
+        labels = inputs["input_ids"][:, 1:].masked_fill(~mask, -100)[:, start:]
 
         def keep(module, args, out) -> None:
-            if not hidden:
-                hidden.append(out[0])
+            if not found:
+                states = out[0][:, -inputs["input_ids"].size(1) :][:, start:-1]  # prompt-learning PEFT prepends
+                head = self._plot_lm.get_output_embeddings()
+                weight, bias = head.weight, head.bias
+                if hasattr(weight, "full_tensor"):  # FSDP2: gathered whole, as TRL's fused head does
+                    weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
+                found.append((torch.nn.functional.linear(states.to(weight.device), weight, bias), labels))
 
         hook = self._plot_lm.base_model.register_forward_hook(keep)
         try:
-            yield hidden
+            yield found
         finally:
             hook.remove()
 
-    def _add_plot(self, loss: Tensor, hidden: list[Tensor], inputs: dict[str, Tensor], chosen: Tensor) -> Tensor:
-        """``loss + plot_alpha * L_PLOT`` of the batch whose policy forward gave ``hidden``; logs ``plot/*``."""
-        if not hidden:
+    def _add_plot(self, loss: Tensor, found: list[tuple[Tensor, Tensor]], chosen: Tensor) -> Tensor:
+        """``loss + plot_alpha * L_PLOT`` (nothing added without a chosen and a rejected row); logs ``plot/*``.
+
+        Every rank must call it when PLOT is on (the metrics are gathered).
+        """
+        if self.plot_loss is None:
             return loss
-        mask = inputs["completion_mask"][:, 1:] != 0
-        labels = inputs["input_ids"][:, 1:].masked_fill(~mask, -100)
-        start = int(mask.any(0).float().argmax())  # the columns before every completion are never scored
-        states = hidden[0][:, -inputs["input_ids"].size(1) :][:, start:-1]  # prompt-learning PEFT prepends tokens
-        head = self._plot_lm.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if hasattr(weight, "full_tensor"):  # FSDP2: gathered once, as TRL's fused head does
-            weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
-        logits = torch.nn.functional.linear(states.to(weight.device), weight, bias)
-        out = plot_term(self.plot_loss, logits, labels[:, start:], chosen, input_embeddings(self._plot_lm))
-        if out is None:
-            return loss
-        metrics = self._metrics["train" if self.model.training else "eval"]
-        for key, value in (("term", out.plot_term), ("chosen_ot", out.chosen_ot), ("rejected_ot", out.rejected_ot)):
-            metrics[f"plot/{key}"].append(self.accelerator.gather_for_metrics(value).mean().item())
-        return loss + out.loss.to(loss.device)
+        if not found:
+            raise RuntimeError(f"PLOT: the policy forward did not run {type(self._plot_lm).__name__}.base_model")
+        logits, labels = found[0]
+        out = plot_term(self.plot_loss, logits, labels, chosen, input_embeddings(self._plot_lm))
+        values = torch.full((1, 3), float("nan"), device=loss.device)
+        if out is not None:
+            values = torch.stack([out.plot_term, out.chosen_ot, out.rejected_ot]).float()[None].to(loss.device)
+            loss = loss + out.loss.to(loss.device)
+        values = self.accelerator.gather_for_metrics(values).nanmean(0)
+        if not values.isnan().all():
+            metrics = self._metrics["train" if self.model.training else "eval"]
+            for key, value in zip(("term", "chosen_ot", "rejected_ot"), values.tolist()):
+                metrics[f"plot/{key}"].append(value)
+        return loss
 
 
 class _ResetQuantileMemory(TrainerCallback):
@@ -634,7 +642,7 @@ class AOTTrainer(_PLOTMixin, DPOTrainer):
         rows = inputs["input_ids"].size(0)
         device = inputs["input_ids"].device
         chosen_rows = inputs["label"].to(device, torch.bool) if kto else torch.arange(rows, device=device) < rows // 2
-        with self._capture_hidden() as hidden:
+        with self._plot_logits(inputs) as plot_logits:
             logps, outputs, model_kwargs = self._policy_forward(model, inputs, chosen_rows, mode)
 
         # Reference: precomputed, or TRL's compute_ref_log_probs (ref model or disabled adapters).
@@ -651,12 +659,13 @@ class AOTTrainer(_PLOTMixin, DPOTrainer):
 
         self.aot_loss.train(mode == "train")  # the quantile memory serves training only
         if self.aot_loss.has_both_classes(four[0].numel(), four[1].numel(), logps.device):
-            loss = self._add_plot(self.aot_loss(*four), hidden, inputs, chosen_rows)
+            loss = self.aot_loss(*four)
         else:  # zero loss and gradient, but every parameter stays in the graph (DDP needs it)
             loss = (logps * 0.0).sum()
             if carry_over:
                 keep = max(1, self.args.per_device_train_batch_size)
                 self._carry = {k: v[-keep:].detach() for k, v in inputs.items()}
+        loss = self._add_plot(loss, plot_logits, chosen_rows)  # adds nothing where the batch lacks a class
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
 
@@ -703,9 +712,9 @@ class PLOTDPOTrainer(_PLOTMixin, DPOTrainer):
         self._init_plot()
 
     def _compute_loss(self, model, inputs, return_outputs):
-        with self._capture_hidden() as hidden:
+        with self._plot_logits(inputs) as plot_logits:
             out = super()._compute_loss(model, inputs, return_outputs)
         rows = inputs["input_ids"].size(0)
         chosen = torch.arange(rows, device=inputs["input_ids"].device) < rows // 2  # TRL's [chosen; rejected] batch
-        loss = self._add_plot(out[0] if return_outputs else out, hidden, inputs, chosen)
+        loss = self._add_plot(out[0] if return_outputs else out, plot_logits, chosen)
         return (loss, out[1]) if return_outputs else loss

@@ -204,7 +204,10 @@ def test_kto_batch_with_unequal_class_counts(tmp_path, tiny_model_factory, tiny_
         assert math.isfinite(metrics[key][0])
 
 
-def test_kto_batch_without_one_class_is_skipped(tmp_path, tiny_model_factory, tiny_tokenizer, tiny_unpaired_rows):
+@pytest.mark.parametrize("plot_alpha", [0.0, 0.5])
+def test_kto_batch_without_one_class_is_skipped(
+    tmp_path, tiny_model_factory, tiny_tokenizer, tiny_unpaired_rows, plot_alpha
+):
     trainer = _aot(
         tmp_path,
         tiny_model_factory(0),
@@ -212,6 +215,7 @@ def test_kto_batch_without_one_class_is_skipped(tmp_path, tiny_model_factory, ti
         ref_model=tiny_model_factory(1),
         tokenizer=tiny_tokenizer,
         paired=False,
+        plot_alpha=plot_alpha,  # a batch without both classes adds no PLOT term either
     )
     ds = trainer.train_dataset
     for wanted in (True, False):
@@ -221,7 +225,8 @@ def test_kto_batch_without_one_class_is_skipped(tmp_path, tiny_model_factory, ti
         assert len(grads) > 0 and all(torch.equal(g, torch.zeros_like(g)) for g in grads.values())
     metrics = trainer._metrics["train"]
     assert metrics["aot/empty_class"] == [1.0, 1.0]
-    assert "fsd/area" not in metrics and all(math.isfinite(v) for vals in metrics.values() for v in vals)
+    assert "fsd/area" not in metrics and "plot/term" not in metrics
+    assert all(math.isfinite(v) for vals in metrics.values() for v in vals)
 
 
 def test_kto_carry_over_joins_the_next_batch(tmp_path, tiny_model_factory, tiny_tokenizer, tiny_unpaired_rows):
