@@ -136,7 +136,7 @@ def bench_case(rows: int, n: int, eps: float, scale: float, samples: int) -> dic
 
 
 def plot(csv_path: Path, png_path: Path) -> None:
-    """Bar chart of the CSV's latest run: median fwd+bwd per shape, with p20-p80 whiskers."""
+    """Bar chart of the CSV's latest run: median fwd+bwd CPU time per shape, with p20-p80 whiskers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,14 +153,14 @@ def plot(csv_path: Path, png_path: Path) -> None:
         shapes = list(dict.fromkeys(f"{r['rows']}x{r['n']}" for r in sub))
         for k, method in enumerate(("otloss", "torchsort")):
             mine = {f"{r['rows']}x{r['n']}": r for r in sub if r["method"] == method}
-            med = np.array([float(mine[s]["median_us"]) for s in shapes])
-            lo = med - np.array([float(mine[s]["p20_us"]) for s in shapes])
-            hi = np.array([float(mine[s]["p80_us"]) for s in shapes]) - med
+            med = np.array([float(mine[s]["cpu_median_us"]) for s in shapes])
+            lo = med - np.array([float(mine[s]["cpu_p20_us"]) for s in shapes])
+            hi = np.array([float(mine[s]["cpu_p80_us"]) for s in shapes]) - med
             ax.bar(np.arange(len(shapes)) + (k - 0.5) * 0.4, med, 0.4, yerr=[lo, hi], label=method, capsize=3)
         ax.set_xticks(np.arange(len(shapes)), shapes)
         ax.set_yscale("log")
         ax.set_xlabel("rows x n")
-        ax.set_ylabel("forward + backward, median (us)")
+        ax.set_ylabel("forward + backward, median CPU time (us)")
         ax.set_title(f"{setting}: eps = {sub[0]['eps']}")
         ax.legend()
     fig.suptitle(f"l2 soft sort, float32, {rows[0]['device']}, {rows[0]['threads']} thread(s), {rows[0]['commit']}")
