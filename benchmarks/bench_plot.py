@@ -37,6 +37,11 @@ versions::
     python benchmarks/bench_plot.py --steps 40 --vocab 8192
     python benchmarks/bench_plot.py --quick         # a smoke run (tiny sizes, 3 rounds)
     python benchmarks/bench_plot.py --summarize     # Markdown table of the latest run in the CSV
+    python benchmarks/bench_plot.py --memory        # peak memory at vocab 128k, 1024 positions
+
+``--memory`` measures instead the peak resident-memory growth of one forward and backward of
+``token_ot_loss`` on ``[1, 1024, 131072]`` float32 logits, each method in a fresh process, against
+the plain autograd formula; rows go to ``benchmarks/results/plot_memory.csv``.
 """
 
 from __future__ import annotations
@@ -58,7 +63,6 @@ import torch
 import torch.nn.functional as F
 
 import otloss
-from otloss.entropic import entropic_ot
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "plot_step.csv"
@@ -213,7 +217,7 @@ def components(args: argparse.Namespace, model: torch.nn.Module, batch: dict, ro
 
     def sinkhorn():
         c = cost.detach().requires_grad_(True)
-        entropic_ot(torch.cat([c, c]), epsilon=0.05).sum().backward()  # chosen and rejected: 2B problems
+        otloss.entropic_ot(torch.cat([c, c]), epsilon=0.05).sum().backward()  # chosen and rejected: 2B problems
 
     fns = {
         "model": model_fb,
@@ -327,6 +331,56 @@ def summarize(path: Path) -> str:
     return "\n".join(lines)
 
 
+MEMORY_OUT = ROOT / "benchmarks" / "results" / "plot_memory.csv"
+MEMORY_COLUMNS = ["time", "commit", "device", "torch", "method", "batch", "seq_len", "vocab", "dim", "logits_mib",
+                  "peak_growth_mib", "extra_mib", "seconds"]  # fmt: skip
+_MEMORY_CHILD = """
+import resource, sys, time, torch, torch.nn.functional as F, otloss
+torch.set_num_threads(1)
+method, B, T, V, D = sys.argv[1], *map(int, sys.argv[2:])
+g = torch.Generator().manual_seed(0)
+logits = torch.randn(B, T, V, generator=g).requires_grad_(True)
+labels = torch.randint(0, V, (B, T), generator=g)
+E = torch.randn(V, D, generator=g)
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def run(logits, labels, E):
+    if method == "plain_position":
+        En = F.normalize(E, dim=-1)
+        loss = (1 - ((logits.softmax(-1) @ En) * En[labels]).sum(-1)).mean()
+    else:
+        loss = otloss.token_ot_loss(logits, labels, E, mode=method.split("_")[1])
+    loss.backward()
+run(logits[:, :4, :64].detach().requires_grad_(True), labels[:, :4] % 64, E[:64])  # imports (POT) before measuring
+r0, t0 = rss(), time.perf_counter()
+run(logits, labels, E)
+print(rss() - r0, time.perf_counter() - t0)
+"""
+
+
+def memory(args: argparse.Namespace) -> list[dict]:
+    """Peak resident-memory growth of forward + backward, each method in a fresh process (Linux ``ru_maxrss``).
+
+    The growth includes the gradient of the logits (as large as the logits); ``extra_mib`` is what
+    remains beyond it. ``plain_position`` is the position-mode formula written with autograd
+    (``softmax(logits) @ E_hat``), which saves the ``[B, T, V]`` softmax.
+    """
+    B, T, V, D = 1, args.memory_seq_len, args.memory_vocab, 64
+    logits_mib = B * T * V * 4 / 2**20
+    meta = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": _commit(),
+            "device": _device_name(), "torch": torch.__version__}  # fmt: skip
+    rows = []
+    for method in ("otloss_position", "otloss_sequence", "plain_position"):
+        out = subprocess.run(
+            [sys.executable, "-c", _MEMORY_CHILD, method, str(B), str(T), str(V), str(D)],
+            capture_output=True, text=True, check=True, cwd=ROOT,
+        )  # fmt: skip
+        growth, seconds = map(float, out.stdout.split()[-2:])
+        rows.append(meta | {"method": method, "batch": B, "seq_len": T, "vocab": V, "dim": D,
+                            "logits_mib": logits_mib, "peak_growth_mib": growth,
+                            "extra_mib": growth - logits_mib, "seconds": seconds})  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="CSV file to append to")
@@ -342,7 +396,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny model, 3 rounds")
     parser.add_argument("--summarize", action="store_true", help="print the latest run in --out as Markdown")
+    parser.add_argument(
+        "--memory", action="store_true", help="measure peak memory instead (appends to plot_memory.csv)"
+    )
+    parser.add_argument("--memory-vocab", type=int, default=128 * 1024)
+    parser.add_argument("--memory-seq-len", type=int, default=1024)
     args = parser.parse_args(argv)
+    if args.memory:
+        rows = memory(args)
+        MEMORY_OUT.parent.mkdir(parents=True, exist_ok=True)
+        new = not MEMORY_OUT.exists()
+        with open(MEMORY_OUT, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=MEMORY_COLUMNS)
+            if new:
+                w.writeheader()
+            for row in rows:
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+                print(f"{row['method']}: peak growth {row['peak_growth_mib']:.0f} MiB for {row['logits_mib']:.0f} MiB "
+                      f"of logits (extra beyond their gradient {row['extra_mib']:.0f} MiB), {row['seconds']:.1f} s")  # fmt: skip
+        return 0
     if args.summarize:
         print(summarize(args.out))
         return 0
