@@ -485,7 +485,9 @@ def token_ot_loss(
     Returns:
         The loss in the dtype of ``logits`` (computed in float32, float64 for float64 logits):
         a scalar, or ``[batch]`` for ``reduction="none"``. Differentiable w.r.t. ``logits``
-        (and ``embeddings`` with ``embedding_grad=True``); first derivatives only.
+        (and ``embeddings`` with ``embedding_grad=True``); first derivatives only (a second
+        derivative raises ``RuntimeError``), and not under ``torch.func`` transforms (``vmap``,
+        ``grad``: ``RuntimeError``), because the chunked pass is a custom autograd node.
 
     Raises:
         TypeError: an argument of the wrong type or dtype.

@@ -213,6 +213,16 @@ def test_gradient_matches_plain_autograd_in_float32():
     torch.testing.assert_close(a.grad, b.grad, **tol(torch.float32, "grad"))
 
 
+def test_first_derivatives_only_and_no_torch_func():
+    logits, labels, E = problem(V=7, T=3)
+    x = logits.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(token_ot_loss(x, labels, E, mode="position"), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda z: token_ot_loss(z, labels, E, mode="position"))(logits)
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory: chunks over positions, nothing of size [B, T, V] saved
 # ---------------------------------------------------------------------------------------------
