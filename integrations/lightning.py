@@ -59,6 +59,7 @@ from otloss.integrations._hf import (
     unwrap_model,
 )
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from otloss.diagnostics import DEFAULT_QUANTILES, quantile_function
@@ -76,14 +77,11 @@ __all__ = [
 
 _LOGP_KEYS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
 _PLOT_KEYS = ("plot/term", "plot/chosen_ot", "plot/rejected_ot")
-_PAIRED_KEYS = tuple(
-    f"{side}_{k}" for side in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "loss_mask")
-)
+_SIDES = ("chosen", "rejected")
+_PAIRED_KEYS = tuple(f"{side}_{k}" for side in _SIDES for k in ("input_ids", "attention_mask", "loss_mask"))
 _UNPAIRED_KEYS = ("input_ids", "attention_mask", "loss_mask", "label")
-
-
-def _right_pad(t: Tensor, length: int) -> Tensor:
-    return t if t.shape[-1] == length else torch.nn.functional.pad(t, (0, length - t.shape[-1]), value=0)
+_HPARAMS = ("paired", "cost", "beta", "label_smoothing", "sort", "backend", "global_batch", "accumulate_quantiles")
+_HPARAMS += ("logps_reduction", "optimizer")  # and lr, weight_decay, reference, the plot_* options
 
 
 class AOTAlignmentModule(pl.LightningModule):
@@ -217,6 +215,7 @@ class AOTAlignmentModule(pl.LightningModule):
         plot_margin: float | None = None,
         plot_embedding_grad: bool = False,
     ) -> None:
+        init_args = dict(locals())
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (a causal LM), got {type(model).__name__}")
@@ -285,14 +284,9 @@ class AOTAlignmentModule(pl.LightningModule):
         self._fsdp2_modules = None if fsdp2_modules is None else tuple(fsdp2_modules)
         self._fsdp2_kwargs = dict(fsdp2_kwargs or {})
         self._fsdp2_applied = False
-        hparams = dict(paired=paired, cost=cost, beta=beta, label_smoothing=label_smoothing, sort=sort)
-        hparams.update(backend=backend, global_batch=global_batch, accumulate_quantiles=accumulate_quantiles)
-        hparams.update(logps_reduction=logps_reduction, optimizer=optimizer, lr=float(lr))
-        hparams.update(
-            weight_decay=float(weight_decay), reference="disabled_adapters" if ref_model is None else "ref_model"
-        )
-        hparams.update(plot_alpha=plot_alpha, plot_mode=plot_mode, plot_cost=plot_cost, plot_epsilon=plot_epsilon)
-        hparams.update(plot_margin=plot_margin, plot_embedding_grad=plot_embedding_grad)
+        hparams = {k: v for k, v in init_args.items() if k in _HPARAMS or k.startswith("plot_")}
+        hparams.update(lr=float(lr), weight_decay=float(weight_decay))
+        hparams["reference"] = "disabled_adapters" if ref_model is None else "ref_model"
         self.save_hyperparameters(
             {k: v if isinstance(v, (str, bool, int, float, type(None))) else repr(v) for k, v in hparams.items()}
         )
@@ -377,7 +371,7 @@ class AOTAlignmentModule(pl.LightningModule):
             return batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         length = max(batch["chosen_input_ids"].shape[-1], batch["rejected_input_ids"].shape[-1])
         return tuple(  # type: ignore[return-value]
-            torch.cat([_right_pad(batch[f"chosen_{k}"], length), _right_pad(batch[f"rejected_{k}"], length)])
+            torch.cat([F.pad(batch[f"{side}_{k}"], (0, length - batch[f"{side}_{k}"].shape[-1])) for side in _SIDES])
             for k in ("input_ids", "attention_mask", "loss_mask")
         )
 
@@ -680,14 +674,8 @@ class AOTDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.drop_last = drop_last
 
-    def _world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 1, 0
-        return trainer.world_size, trainer.global_rank
-
     def train_dataloader(self) -> DataLoader:
-        world, rank = self._world()
+        world, rank = (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
         sampler = DistributedSampler(
             self.train_data, num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self.seed
         )

@@ -1,22 +1,10 @@
 """TRL adapter: :class:`AOTTrainer` and :class:`AOTConfig`, a drop-in for ``DPOTrainer(loss_type="aot")``.
 
-``AOTTrainer`` subclasses TRL's ``DPOTrainer`` and replaces only the loss: the
-sequence log-probabilities come from TRL's fused LM head, the reference from TRL's
-``compute_ref_log_probs`` (an explicit ``ref_model``, a PEFT model with its adapters
-disabled, or log-probabilities precomputed with ``precompute_ref_log_probs=True``),
-and dataset preparation, collation, logging and checkpointing are TRL's. The loss is
-one :class:`otloss.AOTLoss`, built once.
-
-What it adds over TRL's ``loss_type="aot"`` / ``"aot_unpaired"``: every AOT cost of
-otloss, hard or soft sorting; unpaired training on KTO-format data (``prompt``,
-``completion``, boolean ``label``) with any numbers of desirable and undesirable
-examples per batch; sorting across ranks (``global_batch``) and across the
-micro-batches of an optimizer step (``accumulate_quantiles``); FSD diagnostics in the
-logs (``fsd/area``, ``fsd/w1``, ``fsd/w2``, ``fsd/quantile_margin_<t>``).
-
-PLOT (:func:`otloss.plot_loss`, one option away): ``AOTConfig(plot_alpha=...)`` adds
-``plot_alpha * L_PLOT`` to the AOT loss, and :class:`PLOTDPOTrainer` with
-:class:`PLOTDPOConfig` adds it to any ``DPOTrainer`` loss.
+``AOTTrainer`` subclasses TRL's ``DPOTrainer`` and replaces only the loss, with one
+:class:`otloss.AOTLoss`; everything else (data preparation, the fused LM head, the
+reference, logging, checkpoints) is TRL's. PLOT (:func:`otloss.plot_loss`) is one
+option away: ``AOTConfig(plot_alpha=...)``, or :class:`PLOTDPOTrainer` for any
+``DPOTrainer`` loss.
 
 Example:
     >>> from otloss.integrations.trl import AOTConfig, AOTTrainer
@@ -46,6 +34,7 @@ from otloss.integrations._common import (
     world_size,
 )
 from torch import Tensor
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from otloss.diagnostics import DEFAULT_QUANTILES
@@ -238,7 +227,7 @@ class _PLOTMixin:
                 weight, bias = head.weight, head.bias
                 if hasattr(weight, "full_tensor"):  # FSDP2: gathered whole, as TRL's fused head does
                     weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
-                found.append((torch.nn.functional.linear(states.to(weight.device), weight, bias), labels))
+                found.append((F.linear(states.to(weight.device), weight, bias), labels))
 
         hook = self._plot_lm.base_model.register_forward_hook(keep)
         try:
@@ -329,33 +318,16 @@ class AOTConfig(PLOTOptions, DPOConfig):
             optimizer step). Evaluation never uses it.
     """
 
-    loss_type: list[str] | None = field(
-        default=None,
-        metadata={"help": "'aot' (paired) or 'aot_unpaired'; leave unset and use `paired` instead."},
-    )
-    paired: bool | None = field(
-        default=None,
-        metadata={"help": "True: TRL 'aot' (paired margins). False: TRL 'aot_unpaired' (chosen vs rejected)."},
-    )
-    cost: str = field(
-        default="logistic",
-        metadata={"help": "AOT cost: 'logistic', 'hinge', 'squared_hinge' or 'least_squares'."},
-    )
+    loss_type: list[str] | None = field(default=None, metadata={"help": "'aot' or 'aot_unpaired'; or use `paired`."})
+    paired: bool | None = field(default=None, metadata={"help": "True: TRL 'aot'. False: TRL 'aot_unpaired'."})
+    cost: str = field(default="logistic", metadata={"help": "'logistic', 'hinge', 'squared_hinge', 'least_squares'."})
     sort: str = field(default="hard", metadata={"help": "'hard' or 'soft'."})
     soft_sort_strength: float = field(default=0.1, metadata={"help": "Regularisation strength of the soft sort."})
     backend: str = field(default="auto", metadata={"help": "'auto', 'torch' or 'triton' (otloss's fused kernel)."})
-    global_batch: bool = field(
-        default=False, metadata={"help": "Sort across data-parallel ranks (otloss.distributed)."}
-    )
-    empty_class: str = field(
-        default="skip",
-        metadata={"help": "Unpaired batch without one class: 'skip' or 'carry_over' (to the next batch)."},
-    )
+    global_batch: bool = field(default=False, metadata={"help": "Sort across data-parallel ranks."})
+    empty_class: str = field(default="skip", metadata={"help": "Unpaired batch lacking a class: 'skip', 'carry_over'."})
     log_fsd: bool = field(default=True, metadata={"help": "Log FSD diagnostics (fsd/*)."})
-    accumulate_quantiles: bool = field(
-        default=False,
-        metadata={"help": "Sort each micro-batch with the earlier ones of its optimizer step (otloss.QuantileMemory)."},
-    )
+    accumulate_quantiles: bool = field(default=False, metadata={"help": "Sort with the step's earlier micro-batches."})
 
     def __post_init__(self) -> None:
         self.paired, self.loss_type = _resolve_loss_type(self.loss_type, self.paired)
@@ -371,10 +343,6 @@ def _is_unpaired_format(dataset: Dataset | IterableDataset) -> bool:
     """KTO-format rows: ``prompt``/``completion``/``label`` (or their tokenised ``*_ids``)."""
     first = next(iter(dataset))
     return "label" in first and ("completion" in first or "completion_ids" in first)
-
-
-def _pad_to(t: Tensor, length: int, value: int) -> Tensor:
-    return t if t.size(1) == length else torch.cat([t, t.new_full((t.size(0), length - t.size(1)), value)], dim=1)
 
 
 class AOTTrainer(_PLOTMixin, DPOTrainer):
@@ -471,7 +439,6 @@ class AOTTrainer(_PLOTMixin, DPOTrainer):
                 "ld_alpha (LD-DPO length weighting) needs chosen/rejected pairs and does not apply to KTO-format "
                 "data: leave ld_alpha=None."
             )
-        self._user_collator = data_collator is not None
         self._carry: dict[str, Tensor] | None = None
         super().__init__(
             model=model,
@@ -485,7 +452,7 @@ class AOTTrainer(_PLOTMixin, DPOTrainer):
             callbacks=callbacks,
             **kwargs,
         )
-        if self._unpaired_data and not self._user_collator:
+        if self._unpaired_data and data_collator is None:
             self.data_collator = self._unpaired_collator()
         self._init_plot()
         world = world_size()
@@ -568,7 +535,7 @@ class AOTTrainer(_PLOTMixin, DPOTrainer):
             old = carry[key].to(value.device)
             if key in _PADDED_KEYS:
                 pad = self._tokenizer.pad_token_id if _PADDED_KEYS[key] is None else _PADDED_KEYS[key]
-                old, value = _pad_to(old, length, pad), _pad_to(value, length, pad)
+                old, value = (F.pad(t, (0, length - t.size(1)), value=pad) for t in (old, value))
             merged[key] = torch.cat([old, value], dim=0)
         return merged
 
