@@ -1,4 +1,4 @@
-"""``python -m examples.imdb``: align a small character GPT on IMDB reviews with AOT, DPO, IPO and KTO.
+"""``python -m examples.imdb``: align a small character GPT on IMDB reviews with AOT, PLOT, DPO, IPO and KTO.
 
 An example beside the library, not part of its wheel: run it from the repository root of a
 checkout. It needs the demo extras (``pip install -e ".[demo]"`` in the checkout): scikit-learn,

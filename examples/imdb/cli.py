@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .losses import METHODS
+from .losses import METHODS, PLOT_ALPHA
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -40,6 +40,16 @@ def _positive_float(s: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
     if not v > 0 or v == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {s}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {s!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a non-negative finite number, got {s}")
     return v
 
 
@@ -95,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lr", type=_positive_float, help="alignment learning rate (default: the preset's)")
     p.add_argument("--beta", type=_positive_float, help="beta of every loss (default: the preset's)")
+    p.add_argument(
+        "--plot-alpha",
+        type=_nonneg_float,
+        help=f"weight alpha of the token-level OT term of the PLOT methods, L = L_base + alpha * L_PLOT "
+        f"(default: {PLOT_ALPHA})",
+    )
     p.add_argument("--train-prompts", type=_positive_int, help="prompts with a preference pair (default: the preset's)")
     p.add_argument("--eval-prompts", type=_positive_int, help="held-out prompts for evaluation (default: the preset's)")
     p.add_argument("--out", default="outputs/demo", help="output directory for plots and tables")
@@ -129,6 +145,7 @@ def config_from_args(args: argparse.Namespace):
         ("batch_size", "batch_size"),
         ("lr", "lr"),
         ("beta", "beta"),
+        ("plot_alpha", "plot_alpha"),
         ("train_prompts", "n_train_prompts"),
         ("eval_prompts", "n_eval_prompts"),
     ):

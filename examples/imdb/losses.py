@@ -1,10 +1,15 @@
-"""Preference losses on sequence log-probabilities: AOT (from otloss) and the DPO, IPO, KTO baselines.
+"""Preference losses of the demo: AOT and PLOT (from otloss) and the DPO, IPO, KTO baselines.
 
 Every function takes the policy and reference log-probabilities of the chosen
 (desirable) and rejected (undesirable) completions of one batch and returns a
-scalar loss. The paired methods (``aot_paired``, ``dpo``, ``ipo``) need one
-rejected completion per chosen one; the unpaired ones (``aot_unpaired``, ``kto``)
-take two independent samples.
+scalar loss. The paired methods (``aot_paired``, ``dpo``, ``ipo``, ``plot_dpo``,
+``plot_aot``) need one rejected completion per chosen one; the unpaired ones
+(``aot_unpaired``, ``kto``) take two independent samples.
+
+The PLOT methods (``plot_dpo``, ``plot_aot``: ``otloss.plot_loss`` with base DPO or
+paired AOT) also need the policy's logits over the completion tokens, their labels
+and the token embedding matrix: a :class:`TokenBatch`. Only the methods whose
+:attr:`Method.needs_tokens` is set get one, so the others cost what they did.
 """
 
 from __future__ import annotations
@@ -18,9 +23,28 @@ from torch import Tensor
 
 import otloss
 
-__all__ = ["METHODS", "REFERENCE", "Method", "aot_paired", "aot_unpaired", "colors", "dpo", "ipo", "kto", "label"]
+__all__ = [
+    "METHODS",
+    "PLOT_ALPHA",
+    "REFERENCE",
+    "Method",
+    "TokenBatch",
+    "aot_paired",
+    "aot_unpaired",
+    "colors",
+    "dpo",
+    "ipo",
+    "kto",
+    "label",
+    "plot_aot",
+    "plot_dpo",
+]
 
-LossFn = Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]
+LossFn = Callable[..., Tensor]
+
+#: Weight of the token-level term in ``L = L_base + alpha * L_PLOT`` (``--plot-alpha``). 1.0 is
+#: ``otloss.plot_loss``'s default: the PLOT abstract gives no value, and none was tuned here.
+PLOT_ALPHA = 1.0
 
 
 def aot_paired(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float) -> Tensor:
@@ -57,6 +81,69 @@ def kto(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float) -> Tensor:
 
 
 @dataclass(frozen=True)
+class TokenBatch:
+    """What the PLOT losses need beyond sequence log-probabilities.
+
+    Attributes:
+        chosen_logits: ``[B, L, V]`` policy logits predicting the ``L`` chosen completion tokens.
+        chosen_labels: ``[B, L]`` the chosen completion tokens (the shifted labels of ``chosen_logits``).
+        rejected_logits: ``[B, L, V]`` likewise for the rejected completions.
+        rejected_labels: ``[B, L]`` the rejected completion tokens.
+        embeddings: ``[V, D]`` the policy's input token embeddings, detached: the transport cost's geometry.
+    """
+
+    chosen_logits: Tensor
+    chosen_labels: Tensor
+    rejected_logits: Tensor
+    rejected_labels: Tensor
+    embeddings: Tensor
+
+
+def _plot(base: str, pc, pr, rc, rr, beta: float, tokens: TokenBatch, alpha: float) -> Tensor:
+    if not isinstance(tokens, TokenBatch):
+        raise TypeError(f"tokens must be a TokenBatch, got {type(tokens).__name__}")
+    return otloss.plot_loss(
+        tokens.chosen_logits,
+        tokens.chosen_labels,
+        tokens.rejected_logits,
+        tokens.rejected_labels,
+        tokens.embeddings,
+        ref_chosen_logps=rc,
+        ref_rejected_logps=rr,
+        policy_chosen_logps=pc,
+        policy_rejected_logps=pr,
+        base=base,
+        alpha=alpha,
+        beta=beta,
+        aot_kwargs={"paired": True} if base == "aot" else None,
+    )
+
+
+def plot_dpo(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float, tokens: TokenBatch, alpha: float = PLOT_ALPHA
+) -> Tensor:
+    """PLOT on top of DPO: ``dpo(...) + alpha * L_PLOT`` with ``otloss.plot_loss(base="dpo")``.
+
+    ``L_PLOT`` is otloss's reading of PLOT (``docs/plot.md``), at its defaults: sequence-mode
+    entropic OT (``epsilon`` 0.05) between each completion's expected ("soft") token
+    embeddings and its label embeddings, cost ``1 - cos``, pulling the chosen completions
+    toward their tokens and pushing the rejected ones away up to a hinge margin of 1. The
+    base term equals :func:`dpo` on the same ``pc, pr, rc, rr``.
+    """
+    return _plot("dpo", pc, pr, rc, rr, beta, tokens, alpha)
+
+
+def plot_aot(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float, tokens: TokenBatch, alpha: float = PLOT_ALPHA
+) -> Tensor:
+    """PLOT on top of paired AOT: ``aot_paired(...) + alpha * L_PLOT`` with ``otloss.plot_loss(base="aot")``.
+
+    The same ``L_PLOT`` as :func:`plot_dpo`; the base term equals :func:`aot_paired` (same ``beta``).
+    """
+    return _plot("aot", pc, pr, rc, rr, beta, tokens, alpha)
+
+
+@dataclass(frozen=True)
 class Method:
     """One alignment method of the demo: its loss, how its batches are drawn and how it is shown."""
 
@@ -66,6 +153,8 @@ class Method:
     paired: bool  # True: batches of preference pairs; False: independent desirable and undesirable samples
     sorts_batch: bool  # True: the loss sorts over the batch (AOT), so the batch size sets the quantile estimate
     color: str
+    # True: the loss also takes a TokenBatch and the PLOT weight, ``loss(pc, pr, rc, rr, beta, tokens, alpha)``
+    needs_tokens: bool = False
 
 
 # The one registry of methods: the CLI, the pipeline, the plots and the batch-size ablation read it.
@@ -77,6 +166,10 @@ METHODS: dict[str, Method] = {
         Method("dpo", "DPO", dpo, paired=True, sorts_batch=False, color="tab:blue"),
         Method("ipo", "IPO", ipo, paired=True, sorts_batch=False, color="tab:purple"),
         Method("kto", "KTO", kto, paired=False, sorts_batch=False, color="tab:orange"),
+        Method("plot_dpo", "PLOT + DPO", plot_dpo, paired=True, sorts_batch=False, color="tab:cyan", needs_tokens=True),
+        Method(
+            "plot_aot", "PLOT + AOT paired", plot_aot, paired=True, sorts_batch=True, color="tab:red", needs_tokens=True
+        ),
     )
 }
 REFERENCE = "reference"  # the name and label of the unaligned reference policy in tables and plots

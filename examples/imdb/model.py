@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CharTokenizer", "GPTConfig", "TinyGPT", "completion_logps", "sample"]
+__all__ = ["CharTokenizer", "GPTConfig", "TinyGPT", "completion_logits", "completion_logps", "sample", "sequence_logps"]
 
 
 class CharTokenizer:
@@ -115,6 +115,10 @@ class TinyGPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (tied with the output layer), named as in Hugging Face models."""
+        return self.tok
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -145,14 +149,27 @@ class TinyGPT(nn.Module):
         return model, blob
 
 
-def completion_logps(model: TinyGPT, prompts: Tensor, completions: Tensor) -> Tensor:
-    """Sum of ``log p(completion | prompt)`` per row: ``[B, P]`` and ``[B, L]`` ids give ``[B]``."""
+def completion_logits(model: TinyGPT, prompts: Tensor, completions: Tensor) -> Tensor:
+    """Logits ``[B, L, V]`` predicting each completion token: ``[B, P]`` and ``[B, L]`` ids.
+
+    ``completion_logits(...)[:, t]`` is the prediction of ``completions[:, t]``, so ``completions``
+    are its shifted labels. The result is a view of the model's output (the prompt positions
+    sliced off), in the model's dtype.
+    """
     seq = torch.cat([prompts, completions], dim=1)
     logits, _ = model(seq[:, :-1])
-    p = prompts.shape[1]
-    logits = logits[:, p - 1 :].float()
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)
+    return logits[:, prompts.shape[1] - 1 :]
+
+
+def sequence_logps(logits: Tensor, labels: Tensor) -> Tensor:
+    """Sum over positions of ``log softmax(logits)[label]``, in float32: ``[B, L, V]``, ``[B, L]`` give ``[B]``."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return logp.sum(-1)
+
+
+def completion_logps(model: TinyGPT, prompts: Tensor, completions: Tensor) -> Tensor:
+    """Sum of ``log p(completion | prompt)`` per row: ``[B, P]`` and ``[B, L]`` ids give ``[B]``."""
+    return sequence_logps(completion_logits(model, prompts, completions), completions)
 
 
 @torch.no_grad()

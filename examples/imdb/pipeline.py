@@ -21,8 +21,8 @@ import torch.nn.functional as F
 import otloss
 
 from .data import load_reviews
-from .losses import METHODS, colors, label
-from .model import CharTokenizer, GPTConfig, TinyGPT, completion_logps, sample
+from .losses import METHODS, PLOT_ALPHA, TokenBatch, colors, label
+from .model import CharTokenizer, GPTConfig, TinyGPT, completion_logits, completion_logps, sample, sequence_logps
 
 __all__ = [
     "PRESETS",
@@ -70,6 +70,7 @@ class DemoConfig:
     batch_size: int = 32
     lr: float = 1e-4
     beta: float = 0.1
+    plot_alpha: float = PLOT_ALPHA  # weight of the token-level OT term of the PLOT methods
     # run
     seed: int = 0
     device: str = "cpu"
@@ -147,6 +148,8 @@ def validate_config(cfg: DemoConfig) -> None:
         v = getattr(cfg, name)
         if not (v > 0 and math.isfinite(v)):
             raise ValueError(f"{name} must be a positive number, got {v}")
+    if not (math.isfinite(cfg.plot_alpha) and cfg.plot_alpha >= 0):
+        raise ValueError(f"plot_alpha must be a non-negative number, got {cfg.plot_alpha}")
     if cfg.d_model % cfg.n_head:
         raise ValueError(f"d_model ({cfg.d_model}) must be divisible by n_head ({cfg.n_head})")
     if cfg.prompt_len + cfg.completion_len > cfg.context:
@@ -379,20 +382,31 @@ def align(cfg: DemoConfig, method: str, ref: TinyGPT, data: dict, device, log: _
     policy.train()
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
-    loss_fn = METHODS[method].loss
+    spec = METHODS[method]
+    loss_fn = spec.loss
     curve = []
     bar = log.bar(range(cfg.align_steps), desc=f"align {label(method)}")
     for _ in bar:
-        if METHODS[method].paired:
+        if spec.paired:
             i = torch.randint(0, n, (bs,), generator=gen)
             ci, ri = i, i + n
         else:
             ci = desirable[torch.randint(0, len(desirable), (bs,), generator=gen)]
             ri = undesirable[torch.randint(0, len(undesirable), (bs,), generator=gen)]
         idx = torch.cat([ci, ri])
-        lp = completion_logps(policy, prompts[idx].to(device), comps[idx].to(device))
         rlp = ref_lp[idx].to(device)
-        loss = loss_fn(lp[:bs], lp[bs:], rlp[:bs], rlp[bs:], cfg.beta)
+        if spec.needs_tokens:
+            # PLOT: the logits over the completion tokens, their labels and the policy's own input
+            # embeddings (detached: the geometry of the transport cost, not a parameter of the loss)
+            labels = comps[idx].to(device)
+            logits = completion_logits(policy, prompts[idx].to(device), labels)
+            lp = sequence_logps(logits, labels)
+            emb = policy.get_input_embeddings().weight.detach()
+            tokens = TokenBatch(logits[:bs], labels[:bs], logits[bs:], labels[bs:], emb)
+            loss = loss_fn(lp[:bs], lp[bs:], rlp[:bs], rlp[bs:], cfg.beta, tokens, cfg.plot_alpha)
+        else:
+            lp = completion_logps(policy, prompts[idx].to(device), comps[idx].to(device))
+            loss = loss_fn(lp[:bs], lp[bs:], rlp[:bs], rlp[bs:], cfg.beta)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
