@@ -58,9 +58,10 @@ def _ot_step(model, x, ref, backend):
 
 
 def _compare_compiled(step, backend, compile_backend="aot_eager", expect_op=None):
-    x = torch.randn(2, 12, 6, generator=torch.Generator().manual_seed(1))
-    ref = torch.randn(2, 12, generator=torch.Generator().manual_seed(2))
-    eager_model, compiled_model = _model(), _model()
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # cpu: the interpreter
+    x = torch.randn(2, 12, 6, generator=torch.Generator().manual_seed(1)).to(device)
+    ref = torch.randn(2, 12, generator=torch.Generator().manual_seed(2)).to(device)
+    eager_model, compiled_model = _model().to(device), _model().to(device)
     loss = step(eager_model, x, ref, backend)
     loss.backward()
     torch._dynamo.reset()

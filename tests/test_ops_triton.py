@@ -315,3 +315,83 @@ def test_paired_aot_calls_the_fused_kernel_once_with_the_four_inputs(monkeypatch
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(ins[0].grad, refs[0].grad)
     torch.testing.assert_close(ins[1].grad, refs[1].grad)
+
+
+# ---- GPU only (``-m requires_cuda``; run by benchmarks/gpu_check.sh): sizes the interpreter is too slow for ----
+
+SWEEP_N = {torch.float32: (1, 2, 17, 1000, 4096, 8192, 8193, 16384), torch.bfloat16: (1, 1000, 16384)}
+SWEEP_N[torch.float16] = SWEEP_N[torch.bfloat16]
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cost", KERNEL_COSTS, ids=ids)
+def test_cuda_kernel_matches_reference_for_every_cost_dtype_and_size(cost, dtype):
+    from tolerances import tol
+
+    for n in SWEEP_N[dtype]:
+        u, v = _inputs("random", 4, n, seed=n)
+        u, v = u.to(dtype), v.to(dtype)
+        (lt, gut, gvt), (lr, gur, gvr) = _both(u, v, cost, torch.tensor([1.0, -2.0, 0.5, 3.0], device=DEVICE))
+        assert lt.dtype == gut.dtype == dtype
+        if dtype == torch.float32:
+            _close(lt, lr, float(lr.abs().max()) + 1)
+            _close(gut, gur, 1.0 / n)
+            _close(gvt, gvr, 1.0 / n)
+        else:  # both compute in float32 from the same inputs: at most a rounding apart in `dtype`
+            t = tol(dtype)
+            torch.testing.assert_close(lt, lr, rtol=t["rtol"], atol=t["atol"] * (float(lr.abs().max()) + 1))
+            for a, b in ((gut, gur), (gvt, gvr)):
+                torch.testing.assert_close(a, b, rtol=t["rtol"], atol=t["atol"] * 4.0 / n)
+
+
+@pytest.mark.requires_cuda
+def test_cuda_batched_rows_8192_by_1024():
+    u, v = _inputs("random", 8192, 1024, seed=7)
+    for cost in (otloss.abs_pow(2.0), otloss.logistic(0.5, 0.1)):
+        (lt, gut, gvt), (lr, gur, gvr) = _both(u, v, cost, torch.linspace(-1, 1, 8192, device=DEVICE))
+        _close(lt, lr, 10.0)
+        _close(gut, gur, 1.0 / 1024)
+        _close(gvt, gvr, 1.0 / 1024)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("loss", ["aot_loss", "ot_h_1d"])
+def test_cuda_no_sync_and_graph_capture_with_checks_off(loss):
+    # no host sync on the hot path: sync debug mode raises on any, and a CUDA graph captures fwd + bwd
+    g = torch.Generator().manual_seed(0)
+    ins = [(torch.randn(256, generator=g) - 30).to(DEVICE) for _ in range(4)]
+    x = ins[0].clone().requires_grad_(True)
+
+    def step():
+        if loss == "aot_loss":
+            out = otloss.aot_loss(x, ins[1], ins[2], ins[3], validate_args=False)
+        else:
+            out = otloss.ot_h_1d(x.view(4, 64), ins[1].view(4, 64), otloss.hinge(0.1), validate_args=False)
+        (grad,) = torch.autograd.grad(out, x)
+        return out, grad
+
+    eager = step()  # warm-up: kernels compiled, the dispatch decision cached
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        x.add_(0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = step()
+    torch.testing.assert_close(captured[0], expected[0])
+    torch.testing.assert_close(captured[1], expected[1])
+    if loss == "aot_loss":  # the replay read the new x: the logistic gradient moved with it
+        assert not torch.equal(expected[1], eager[1])
