@@ -397,6 +397,30 @@ def test_plot_adds_alpha_times_the_core_term(tok, paired, mode):
     assert not any(k.startswith("plot/") for k in logps0)
 
 
+def _vocab_storages_saved(fn, vocab: int) -> set[int]:
+    """The storages of the ``[rows, T, vocab]`` tensors that autograd saves while ``fn`` runs."""
+    found: set[int] = set()
+
+    def pack(t):
+        if t.dim() == 3 and t.shape[-1] == vocab:
+            found.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return found
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_plot_keeps_no_copy_of_the_logits(tok, paired):
+    policy = _lora(ex.tiny_model(0)).train()
+    batch = (PairedCollator if paired else UnpairedCollator)(tok)(ex.toy_data(6, paired=paired, seed=4))
+    vocab = policy.get_input_embeddings().weight.shape[0]
+    for alpha in (0.0, 0.5):  # the logits the forward made, and nothing else of their size
+        module = AOTAlignmentModule(policy, paired=paired, plot_alpha=alpha)
+        assert len(_vocab_storages_saved(lambda m=module: m.compute_loss(batch), vocab)) == 1
+
+
 def test_plot_alpha_zero_is_the_plain_module_exactly(tok):
     policy = _lora(ex.tiny_model(0)).eval()
     batch = PairedCollator(tok)(_paired_rows())

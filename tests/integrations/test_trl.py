@@ -314,6 +314,23 @@ def test_plot_adds_alpha_times_the_core_term(
     assert not any(k.startswith("plot/") for k in plain._metrics["train"])
 
 
+def test_plot_forms_the_logits_once(tmp_path, tiny_model_factory, tiny_tokenizer, tiny_unpaired_rows):
+    plain, ours = _pair(tmp_path, "aot_kto", tiny_model_factory, tiny_unpaired_rows, tiny_tokenizer, plot_alpha=0.5)
+    batch, vocab = _batch(plain, 6), ours.model.get_input_embeddings().weight.shape[0]
+    found: list[set[int]] = []
+
+    def pack(t):
+        if t.dim() == 3 and t.shape[-1] == vocab:
+            found[-1].add(t.untyped_storage().data_ptr())
+        return t
+
+    for trainer, expected in ((plain, 0), (ours, 1)):  # TRL's fused head forms none; PLOT forms one [rows, T, V]
+        found.append(set())
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            trainer.compute_loss(trainer.model, batch)
+        assert len(found[-1]) == expected
+
+
 @pytest.mark.parametrize("kind", ["aot", "dpo"])
 def test_plot_alpha_zero_is_the_plain_trainer_exactly(
     tmp_path, tiny_model_factory, tiny_tokenizer, tiny_preference_rows, kind
