@@ -6,6 +6,7 @@ inputs) and returns a result in the dtype of its first input.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Literal
 
@@ -273,22 +274,62 @@ def ot_h_1d(
         sort, reduction, backend, validate_args, global_batch, group, memory
     )
     cost = get_cost(cost)
+    return _ot_h_1d(u, v, cost, u_weights, v_weights, sorter, validate, reduction, global_batch, group, memory, backend)
+
+
+_NO_MEMORY = contextlib.nullcontext()
+
+
+def _ot_h_1d(
+    u: Tensor,
+    v: Tensor,
+    cost: Cost,
+    u_weights: Tensor | None,
+    v_weights: Tensor | None,
+    sorter: SoftSort | None,
+    validate: bool,
+    reduction: str,
+    global_batch: bool,
+    group: object | None,
+    memory: QuantileMemory | None,
+    backend: str,
+    *,
+    u2: Tensor | None = None,
+    v2: Tensor | None = None,
+    named: tuple[tuple[Tensor, str], ...] | None = None,
+) -> Tensor:
+    """The one path from every loss to the dispatcher, after :func:`_check_options`.
+
+    Args:
+        u2, v2: with ``named``, for paired AOT on the local batch with hard sort: the problem is
+            ``u - u2`` against ``v - v2``, subtracted inside the loss node or kernel.
+        named: the caller's own inputs ``(tensor, name)``, already metadata-checked (``u``/``v``
+            are then not checked again, and weights must be ``None``); the value check names them.
+            ``None`` checks ``u``, ``v`` and the weights here, after any gather.
+    """
     # under vmap the value checks cannot raise: failing problems give NaN instead (_nan_unless_valid)
     vmapped = validate and vmap_active()
     if vmapped:
         validate = False
-    with rollback_on_error(memory):  # a call that raises, for any reason, leaves the memory as it was
+    a = b = None
+    with rollback_on_error(memory) if memory is not None else _NO_MEMORY:  # an error leaves the memory as it was
         if global_batch or memory is not None:
             u, v, u_weights, v_weights = prepare_global_batch(
                 u, v, u_weights, v_weights, global_batch=global_batch, group=group, memory=memory, validate=validate
             )
-        a, b = check_pair(u, v, u_weights, v_weights, validate, values=False)
-        if sorter is not None and (a is not None or b is not None):
-            raise ValueError("soft sort needs uniform weights: pass u_weights=None and v_weights=None, or sort='hard'")
+        if named is None:
+            a, b = check_pair(u, v, u_weights, v_weights, validate, values=False)
+            if sorter is not None and (a is not None or b is not None):
+                raise ValueError(
+                    "soft sort needs uniform weights: pass u_weights=None and v_weights=None, or sort='hard'"
+                )
+            named = ((u, "u"), (v, "v"))
         # meta tensors carry no values to check (shape inference, deferred initialisation)
-        check_values = _finite_check((u, "u"), (v, "v")) if validate and u.device.type != "meta" else None
-        out = _dispatch(u, v, cost, a, b, sorter, reduction, backend, check_values)
-    return _nan_unless_valid(out, u, v, a, b) if vmapped else out
+        check_values = _finite_check(*named) if validate and u.device.type != "meta" else None
+        out = _dispatch(u, v, cost, a, b, sorter, reduction, backend, check_values, u2, v2)
+    if vmapped:
+        out = _nan_unless_valid(out, u if u2 is None else u - u2, v if v2 is None else v - v2, a, b)
+    return out
 
 
 def _dispatch(
@@ -306,9 +347,10 @@ def _dispatch(
 ) -> Tensor:
     """Checked inputs to the loss: backend choice, value check, compute dtype, reduction.
 
-    Callers: :func:`ot_h_1d`, and :func:`aot_loss` for paired AOT with hard sort on the local
-    batch, which passes the four log-probabilities (``u - u2``, ``v - v2``) so that the margins
-    are subtracted inside the fused kernel or reference node (one launch, no extra autograd nodes).
+    Its one caller is :func:`_ot_h_1d` (the path of :func:`ot_h_1d` and :func:`aot_loss`). Paired AOT
+    with hard sort on the local batch passes the four log-probabilities (``u - u2``, ``v - v2``) so
+    that the margins are subtracted inside the fused kernel or reference node (one launch, no extra
+    autograd nodes).
     """
     use_triton = _use_triton(backend, u, v, cost, a is not None or b is not None, sorter is not None)
     if not cost.differentiable and torch.is_grad_enabled():
@@ -475,7 +517,9 @@ def aot_loss(
         The loss, in the dtype of ``policy_chosen_logps``.
     """
     paired = as_bool(paired, "paired")
-    _, _, global_batch = _check_options(sort, reduction, backend, validate_args, global_batch, group, memory)
+    sorter, validate, global_batch = _check_options(
+        sort, reduction, backend, validate_args, global_batch, group, memory
+    )
     names = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
     tensors = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     for t, name in zip(tensors, names):
@@ -510,25 +554,31 @@ def aot_loss(
                 f"got {tuple(pc.shape)} and {tuple(pr.shape)}"
             )
     h = _aot_cost(cost, beta, label_smoothing)
-    if paired and (sort == "hard" if isinstance(sort, str) else False) and not global_batch and memory is None:
-        if torch.compiler.is_compiling() or not functorch_active():  # (vmap's value checks: ot_h_1d below)
-            # the hot path: the four inputs go to the loss, which subtracts the margins in its node or kernel;
-            # a NaN/Inf input makes the sorted differences non-finite, and the check then names it
-            validate = resolve_validate(validate_args)
-            check_values = _finite_check(*zip(tensors, names)) if validate and pc.device.type != "meta" else None
-            return _dispatch(pc, rc, h, None, None, None, reduction, backend, check_values, pr, rr)
+    if not global_batch and memory is None:
+        # the local batch: the value check names the four inputs (finite inputs whose margins overflow are
+        # computed in IEEE arithmetic); paired hard sort subtracts the margins inside the loss node or kernel
+        named = tuple(zip(tensors, names))
+        if paired and sorter is None:
+            return _ot_h_1d(pc, rc, h, None, None, None, validate, reduction, False, None, None, backend,
+                            u2=pr, v2=rr, named=named)  # fmt: skip
+        cdt = compute_dtype(pc.dtype)
+        c_pc, c_pr, c_rc, c_rr = (_cast(t, cdt) for t in tensors)
+        u, v = (c_pc - c_pr, c_rc - c_rr) if paired else (c_pc - c_rc, c_pr - c_rr)
+        out = _ot_h_1d(u, v, h, None, None, sorter, validate, reduction, False, None, None, backend, named=named)
+        return _cast(out, policy_chosen_logps.dtype)
+    # global batch or memory: the margins are gathered/stored, then checked by name u/v
     cdt = compute_dtype(pc.dtype)
     pc, pr, rc, rr = (_cast(t, cdt) for t in tensors)
     u, v = (pc - pr, rc - rr) if paired else (pc - rc, pr - rr)
-    options = dict(sort=sort, reduction=reduction, global_batch=global_batch, group=group, memory=memory)
+    args = (sorter, validate, reduction, global_batch, group, memory, backend)
     try:
-        out = ot_h_1d(u, v, h, validate_args=validate_args, backend=backend, **options)
+        out = _ot_h_1d(u, v, h, None, None, *args)
     except NonFiniteError:
         # a non-finite input always makes a non-finite margin: name the input that holds it
         for t, name in zip(tensors, names):
             check_finite(t, name)
         if global_batch:  # after the gather: the value may come from another rank
             raise
-        # finite inputs whose margins overflow: computed in IEEE arithmetic, as documented
-        out = ot_h_1d(u, v, h, validate_args=False, backend=backend, **options)
+        # finite inputs whose margins overflow: computed in IEEE arithmetic, as on the local batch
+        out = _ot_h_1d(u, v, h, None, None, sorter, False, reduction, global_batch, group, memory, backend)
     return _cast(out, policy_chosen_logps.dtype)
