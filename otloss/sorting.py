@@ -460,6 +460,49 @@ _BLOCKS_IN_NUMPY = True
 #: rounds of plain pooling before grown blocks are also extended over their stable neighbours
 _EXTEND_AFTER = 2
 
+
+def _l2_values(v: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Soft sort of the sorted float64 rows ``v [k, n]``, flat: values, block sizes and block first positions."""
+    k, n = v.shape
+    s, c, row, start = _l2_blocks(v, eps)
+    # block of every position: a 1 at each block's first position, summed up
+    heads = torch.zeros(k * n, dtype=torch.int64, device=v.device)
+    heads.index_fill_(0, row * n + start, 1)
+    bid = torch.cumsum(heads, 0) - 1
+    size = c.index_select(0, bid)
+    first = start.index_select(0, bid)
+    offset = torch.arange(n, dtype=torch.float64, device=v.device).repeat(k) - first - (size - 1) * 0.5
+    y = (s / c).index_select(0, bid) + offset / eps  # offset is 0 for a block of one: y is the value itself
+    return y, size, first
+
+
+def _l2_values_np(v: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_l2_values` in NumPy."""
+    k, n = v.shape
+    s, c, _, start = _l2_blocks_np(v, eps)
+    bid = np.repeat(np.arange(s.shape[0]), c.astype(np.int64))
+    size = c[bid]
+    first = start[bid]
+    offset = np.tile(np.arange(n, dtype=np.float64), k) - first - (size - 1) * 0.5
+    return (s / c)[bid] + offset / eps, size, first
+
+
+def _block_mean_np(g: np.ndarray, first: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """Mean of ``g [rows, n]`` over each block (given per position by ``first``/``size``), at every position.
+
+    Blocks are contiguous: sums by ``reduceat`` at the block heads. Size 0 (a NaN/Inf row) gives NaN.
+    """
+    rows, n = g.shape
+    flat_first, flat_size = first.reshape(-1), size.reshape(-1)
+    heads = np.flatnonzero(flat_first == np.tile(np.arange(n), rows))
+    sums = np.add.reduceat(g.reshape(-1), heads)
+    lengths = np.diff(np.append(heads, rows * n))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.repeat(sums / flat_size[heads], lengths)
+    mean[flat_size == 0] = np.nan
+    return mean.reshape(rows, n)
+
+
 #: float64 inputs beyond this magnitude are scaled by 2**-64 (exactly) before pooling, so block sums stay finite
 _F64_RESCALE_ABOVE = 2.0**1000
 
@@ -508,17 +551,9 @@ class _L2SoftSort(torch.autograd.Function):
             v = v / scale
         e = eps * scale
         if v.device.type == "cpu" and _BLOCKS_IN_NUMPY:
-            s, c, row, start = (torch.from_numpy(a) for a in _l2_blocks_np(v.numpy(), e))
+            y, size, first = (torch.from_numpy(a) for a in _l2_values_np(v.numpy(), e))
         else:
-            s, c, row, start = _l2_blocks(v, e)
-        # block of every position: a 1 at each block's first position, summed up
-        heads = torch.zeros(k * n, dtype=torch.int64, device=x.device)
-        heads.index_fill_(0, row * n + start, 1)
-        bid = torch.cumsum(heads, 0) - 1
-        size = c.index_select(0, bid)
-        first = start.index_select(0, bid)
-        offset = torch.arange(n, dtype=torch.float64, device=x.device).repeat(k) - first - (size - 1) * 0.5
-        y = (s / c).index_select(0, bid) + offset / e  # offset is 0 for a block of one: y is the value itself
+            y, size, first = _l2_values(v, e)
         if scale != 1.0:
             y = y * scale
         y, size, first = y.reshape(k, n), size.reshape(k, n), first.reshape(k, n)
@@ -542,7 +577,12 @@ class _L2SoftSort(torch.autograd.Function):
         perm, first, size = ctx.saved_tensors
         if first.shape[-1] == 0:
             grad_sorted = grad_y
-        else:
+        elif grad_y.device.type == "cpu" and not torch.is_grad_enabled() and not functorch_active():
+            n = grad_y.shape[-1]
+            g = grad_y.detach().to(torch.float64).reshape(-1, n).numpy()
+            mean = _block_mean_np(g, first.reshape(-1, n).numpy(), size.reshape(-1, n).numpy())
+            grad_sorted = torch.from_numpy(mean).reshape(grad_y.shape).to(grad_y.dtype)
+        else:  # also differentiable, for double backward
             n = grad_y.shape[-1]
             g = grad_y.to(torch.float64).reshape(-1, n)
             rows = g.shape[0]
