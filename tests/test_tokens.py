@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import requires_pot
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tolerances import assert_within_lowp_error, tol
 
 import otloss
@@ -162,6 +164,32 @@ def test_custom_ignore_index():
         token_ot_loss(logits, labels.masked_fill(labels == 7, -100), E, mode="position"),
         **tol(F64, "value"),
     )
+
+
+@settings(max_examples=40)
+@given(
+    B=st.integers(1, 3),
+    T=st.integers(1, 6),
+    V=st.integers(1, 12),
+    D=st.integers(1, 4),
+    scale=st.sampled_from([0.0, 1.0, 30.0]),
+    chunk=st.integers(1, 7),
+    seed=st.integers(0, 2**16),
+    cost=st.sampled_from(["cosine", "sqeuclidean"]),
+)
+def test_position_property(B, T, V, D, scale, chunk, seed, cost):
+    """Any shape (V = 1, T = 1 included), flat or peaked logits, any chunk: the closed form, in range."""
+    g = torch.Generator().manual_seed(seed)
+    logits = scale * torch.randn(B, T, V, generator=g, dtype=F64)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[torch.rand(B, T, generator=g) < 0.3] = -100
+    labels[0, 0] = 0  # at least one counted position
+    E = torch.randn(V, D, generator=g, dtype=F64)
+    got = token_ot_loss(logits, labels, E, mode="position", cost=cost, chunk_size=chunk, reduction="none")
+    torch.testing.assert_close(got, hand_position(logits, labels, E, cost), rtol=1e-9, atol=1e-9)
+    assert (got >= 0).all()
+    if cost == "cosine":
+        assert (got <= 2 + 1e-12).all()
 
 
 # ---------------------------------------------------------------------------------------------
