@@ -20,8 +20,9 @@ For log-ratios of order 1 the paper's ``eps = 0.1`` is close to a hard sort;
 ``eps = 1`` already pools neighbours more than 1 apart.
 
 The built-in l2 backend finds the blocks by pool-adjacent-violators run on all
-rows at once with tensor operations, never a Python loop over rows or elements.
-Every pooling decision compares block means in the scale-free form
+rows at once with array operations (NumPy for CPU tensors, torch elsewhere, a
+Triton kernel for CUDA tensors when triton is installed), never a Python loop
+over rows or elements; see ``docs/soft_sort.md``. Every pooling decision compares block means in the scale-free form
 ``eps * (mean_right - mean_left) >= (size_left + size_right) / 2``, in float64,
 and each output is ``block_mean + offset / eps`` from exact block sums (nothing
 of size ``n / eps`` is added to a value and subtracted again), so a float32 result
