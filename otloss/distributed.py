@@ -388,8 +388,10 @@ class QuantileMemory:
                 cur = _ScaleGrad.apply(cur, (n_old[side] + n_cur) / n_cur)
             prev = old[i]
             out.append(cur if prev is None else torch.cat([prev, cur], dim=-1))
+        # a copy, not a view: a caller that writes the next micro-batch into the same buffer must not
+        # change what is stored
         self._stored = [
-            None if t is None else (t.detach() if p is None else torch.cat([p, t.detach()], dim=-1))
+            None if t is None else (t.detach().clone() if p is None else torch.cat([p, t.detach()], dim=-1))
             for t, p in zip(current, old)
         ]
         return out[0], out[1], out[2], out[3]  # type: ignore[return-value]

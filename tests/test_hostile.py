@@ -465,3 +465,17 @@ def test_aot_loss_names_the_input_and_lets_overflowing_margins_through():
     assert memory.sizes == (0, 0)
     big = torch.full((4,), 3e38)
     assert otloss.aot_loss(big, -big, t * 0, t * 0).item() == 0.0  # +inf margins: logistic gives 0
+
+
+def test_memory_stores_a_copy_not_a_view_of_the_callers_buffer():
+    memory, fresh = QuantileMemory(), QuantileMemory()
+    buf_u, buf_v = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([5.0, 6.0, 7.0])
+    otloss.ot_h_1d(buf_u, buf_v, "abs_pow", memory=memory)
+    otloss.ot_h_1d(buf_u.clone(), buf_v.clone(), "abs_pow", memory=fresh)
+    buf_u.copy_(torch.tensor([10.0, 11.0, 12.0]))  # the next micro-batch written into the same buffer
+    buf_v.copy_(torch.tensor([-1.0, -2.0, -3.0]))
+    torch.testing.assert_close(memory._stored[0], torch.tensor([0.0, 1.0, 2.0]))
+    assert (
+        otloss.ot_h_1d(buf_u, buf_v, "abs_pow", memory=memory).item()
+        == otloss.ot_h_1d(buf_u, buf_v, "abs_pow", memory=fresh).item()
+    )
