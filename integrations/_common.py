@@ -40,7 +40,6 @@ __all__ = [
 ]
 
 DEFAULT_BETA = 0.01  # what beta=None means in otloss.aot_loss: the AOT paper's value
-_BACKENDS = ("auto", "torch", "triton")
 _AOT_OPTIONS = [p.name for p in inspect.signature(aot_loss).parameters.values() if p.kind is p.KEYWORD_ONLY]
 
 
@@ -62,15 +61,8 @@ class AdapterLoss(AOTLoss):
       in ``eval()`` mode the loss neither reads nor extends it.
     * ``global_batch=True`` gathers only when an initialised process group has more
       than one rank; otherwise it is the local loss.
-    * ``backend`` and ``global_batch`` are checked here, at construction.
+    * every option is checked at construction, by :class:`otloss.AOTLoss`.
     """
-
-    def __init__(self, *, backend: str = "auto", global_batch: bool = False, **options: object) -> None:
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-        if not isinstance(global_batch, bool):
-            raise TypeError(f"global_batch must be a bool, got {type(global_batch).__name__}")
-        super().__init__(backend=backend, global_batch=global_batch, **options)
 
     def is_global(self) -> bool:
         """Whether the next call sorts across ranks (``global_batch`` and a group of several ranks)."""

@@ -219,8 +219,6 @@ class AOTAlignmentModule(pl.LightningModule):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (a causal LM), got {type(model).__name__}")
-        if not isinstance(paired, bool):
-            raise TypeError(f"paired must be a bool, got {type(paired).__name__}")
         if not isinstance(accumulate_quantiles, bool):
             raise TypeError(f"accumulate_quantiles must be a bool, got {type(accumulate_quantiles).__name__}")
         if logps_reduction not in ("sum", "mean"):
