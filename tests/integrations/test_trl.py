@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -346,17 +347,39 @@ def test_plot_alpha_zero_is_the_plain_trainer_exactly(
     assert not any(k.startswith("plot/") for k in ours._metrics["train"])
 
 
-def test_plot_trains_with_lora_and_logs_the_term(tmp_path, tiny_model_factory, tiny_tokenizer, tiny_preference_rows):
+def test_plot_trains_with_lora_and_gradient_checkpointing(
+    tmp_path, tiny_model_factory, tiny_tokenizer, tiny_preference_rows
+):
     trainer = _aot(
         tmp_path, tiny_model_factory(0), tiny_preference_rows, peft_config=_lora(), tokenizer=tiny_tokenizer,
-        plot_alpha=1.0, max_steps=2,
+        plot_alpha=1.0, max_steps=3, gradient_checkpointing=True,
     )  # fmt: skip
-    assert trainer.ref_model is None  # the reference forward runs the same backbone: only the first call is kept
+    assert trainer.ref_model is None  # the reference forward runs the same backbone after the policy's
     trainer.train()
     logged = {k for entry in trainer.state.log_history for k in entry}
     assert {"plot/term", "plot/chosen_ot", "plot/rejected_ot"} <= logged
+    # The term is the policy's (adapters on), not the reference's (adapters off), once they differ clearly.
+    batch, model = _batch(trainer, 4), trainer.model
     with torch.no_grad():
-        assert torch.isfinite(trainer.compute_loss(trainer.model, _batch(trainer, 4)))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(0))
+    trainer._metrics["train"].clear()
+    model.train()
+    assert torch.isfinite(trainer.compute_loss(model, batch))
+    logged_term = trainer._metrics["train"]["plot/term"][0]
+    labels = batch["input_ids"][:, 1:].masked_fill(batch["completion_mask"][:, 1:] == 0, -100)
+    terms = []
+    with torch.no_grad():
+        for adapters in (contextlib.nullcontext(), model.disable_adapter()):
+            with adapters:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            term = otloss.plot_loss(
+                logits[:4], labels[:4], logits[4:], labels[4:], model.get_input_embeddings().weight,
+                base=None, return_components=True,
+            )  # fmt: skip
+            terms.append(term.plot_term.item())
+    assert logged_term == pytest.approx(terms[0], rel=1e-5) and abs(terms[0] - terms[1]) > 1e-4
 
 
 PLOT_REFUSED = [
