@@ -22,7 +22,9 @@ Timing: after ``--warmup`` rounds, each of ``--steps`` rounds runs one step of e
 an order shuffled per round, so that all variants see the same machine load. Reported per variant:
 the median step time with its 20th and 80th percentiles, ``overhead_pct`` (the variant's median
 over the baseline's, minus one) and ``extra_ms_p50`` (the median of the per-round differences to
-the baseline).
+the baseline), in wall time, and the same in process CPU time (``cpu_*`` columns). With one torch
+thread on a machine shared with other jobs, CPU time is the steadier measure: time spent
+descheduled is not counted.
 
 Components (same run, same shapes, on the logits of a step, forward + backward): the model's own
 forward and backward (``model``), the soft-embedding pass alone (``soft_pass``:
@@ -71,6 +73,7 @@ VARIANTS = ("dpo", "dpo+plot_sequence", "dpo+plot_position", "plot_dpo")
 COLUMNS = [
     "time", "commit", "device", "threads", "torch", "transformers", "pot", "kind", "variant", "layers", "hidden",
     "vocab", "pairs", "seq_len", "prompt", "rounds", "ms_p50", "ms_p20", "ms_p80", "overhead_pct", "extra_ms_p50",
+    "cpu_ms_p50", "cpu_ms_p20", "cpu_ms_p80", "cpu_overhead_pct",
 ]  # fmt: skip
 
 
@@ -183,10 +186,11 @@ def _percentiles(xs: list[float]) -> tuple[float, float, float]:
     return float(np.median(a)), float(np.percentile(a, 20)), float(np.percentile(a, 80))
 
 
-def _time(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
+def _time(fn: Callable[[], object]) -> tuple[float, float]:
+    """Wall and process CPU seconds of one call."""
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def components(args: argparse.Namespace, model: torch.nn.Module, batch: dict, rounds: int) -> dict[str, list[float]]:
@@ -270,9 +274,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         "rounds": args.steps,
     }
     rows = []
-    base = times[BASELINE]
-    for v, ts in times.items():
+    base = [w for w, _ in times[BASELINE]]
+    base_cpu = [c for _, c in times[BASELINE]]
+    for v, wc in times.items():
+        ts, cs = [w for w, _ in wc], [c for _, c in wc]
         p50, p20, p80 = _percentiles(ts)
+        c50, c20, c80 = _percentiles(cs)
         diffs = [t - b for t, b in zip(ts, base)]
         rows.append(
             meta
@@ -284,12 +291,18 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "ms_p80": p80,
                 "overhead_pct": 100 * (np.median(ts) / np.median(base) - 1),
                 "extra_ms_p50": float(np.median(diffs)) * 1e3,
+                "cpu_ms_p50": c50,
+                "cpu_ms_p20": c20,
+                "cpu_ms_p80": c80,
+                "cpu_overhead_pct": 100 * (np.median(cs) / np.median(base_cpu) - 1),
             }
         )
-    for name, ts in comp.items():
-        p50, p20, p80 = _percentiles(ts)
+    for name, wc in comp.items():
+        p50, p20, p80 = _percentiles([w for w, _ in wc])
+        c50, c20, c80 = _percentiles([c for _, c in wc])
         rows.append(meta | {"kind": "component", "variant": name, "ms_p50": p50, "ms_p20": p20, "ms_p80": p80,
-                            "overhead_pct": "", "extra_ms_p50": ""})  # fmt: skip
+                            "overhead_pct": "", "extra_ms_p50": "", "cpu_ms_p50": c50, "cpu_ms_p20": c20,
+                            "cpu_ms_p80": c80, "cpu_overhead_pct": ""})  # fmt: skip
     return rows
 
 
@@ -318,15 +331,22 @@ def summarize(path: Path) -> str:
         f"Llama {r0['layers']} layers, hidden {r0['hidden']}, vocab {r0['vocab']}, {r0['pairs']} pairs x "
         f"{r0['seq_len']} tokens (prompt {r0['prompt']}), {r0['rounds']} rounds",
         "",
-        "| kind | variant | ms p50 | ms p20-p80 | overhead | extra ms (paired p50) |",
-        "|---|---|---:|---:|---:|---:|",
+        "| kind | variant | wall ms p50 | p20-p80 | overhead | extra ms (paired p50) | CPU ms p50 | p20-p80 "
+        "| CPU overhead |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         over = f"{float(r['overhead_pct']):+.1f}%" if r["overhead_pct"] else ""
         extra = f"{float(r['extra_ms_p50']):.1f}" if r["extra_ms_p50"] else ""
+        cpu = (
+            f"{float(r['cpu_ms_p50']):.1f} | {float(r['cpu_ms_p20']):.1f}-{float(r['cpu_ms_p80']):.1f}"
+            if r.get("cpu_ms_p50")
+            else " | "
+        )
+        cpu_over = f"{float(r['cpu_overhead_pct']):+.1f}%" if r.get("cpu_overhead_pct") else ""
         lines.append(
             f"| {r['kind']} | {r['variant']} | {float(r['ms_p50']):.1f} | "
-            f"{float(r['ms_p20']):.1f}-{float(r['ms_p80']):.1f} | {over} | {extra} |"
+            f"{float(r['ms_p20']):.1f}-{float(r['ms_p80']):.1f} | {over} | {extra} | {cpu} | {cpu_over} |"
         )
     return "\n".join(lines)
 
