@@ -30,6 +30,7 @@ def _files():
 def _named_distributions(args: str) -> list[str]:
     """The distribution names a ``pip install`` argument string asks for (options and paths left out)."""
     args = re.split(r"\s#", args, maxsplit=1)[0]  # a shell comment after the command
+    args = re.split(r"[);:,]", args, maxsplit=1)[0]  # prose after a command in a message
     try:
         tokens = shlex.split(args, posix=True)
     except ValueError:
@@ -68,6 +69,8 @@ def find_bad_commands() -> list[str]:
         ("pip install -U otloss", ["otloss"]),
         ("pip install -c $(LOCK) -e .", []),
         ("pip install torch  # any build; otloss needs torch", ["torch"]),
+        ('pip install "torch-otloss[pot]"): timing otloss only', ["torch-otloss"]),
+        ("pip install 'otloss[pot]'): timing", ["otloss"]),
     ],
 )
 def test_command_parser(command, names):

@@ -10,7 +10,7 @@ from otloss.ops import MAX_FUSED_SIZE, triton_available
 
 pytestmark = [
     pytest.mark.requires_triton,
-    pytest.mark.skipif(not triton_available(), reason="needs triton (pip install otloss[triton])"),
+    pytest.mark.skipif(not triton_available(), reason="needs triton (pip install 'torch-otloss[triton]')"),
 ]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu means the interpreter (TRITON_INTERPRET=1)
