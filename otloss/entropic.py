@@ -45,6 +45,8 @@ __all__ = ["EXACT_MAX_SIZE", "entropic_ot"]
 EXACT_MAX_SIZE = 4_000_000
 
 Backend = Literal["auto", "pot", "torch"]
+
+_SCALING_ITERS = 5  # Sinkhorn iterations per halving of epsilon in the torch solver's warm start
 Grad = Literal["envelope", "implicit"]
 
 _POT_HINT = 'pip install "torch-otloss[pot]"'
@@ -115,7 +117,7 @@ def _marginal_error(plan: Tensor, a: Tensor, b: Tensor) -> float:
 def _sinkhorn_torch(C: Tensor, a: Tensor, b: Tensor, eps: float, max_iter: int, tol: float) -> Tensor:
     """Log-domain Sinkhorn; potentials ``f, g`` in cost units. Returns the plan ``[B, n, m]``."""
     log_a, log_b = a.log(), b.log()  # -inf on zero weights
-    neg = C / -eps  # [B, n, m]
+    neg = C / -eps  # [B, n, m]; the closures below read neg and eps as they change
 
     def update_f(g: Tensor) -> Tensor:  # f_i = -eps LSE_j(log b_j + (g_j - C_ij) / eps); finite even where a_i = 0
         return -eps * torch.logsumexp(neg + (g / eps + log_b).unsqueeze(-2), dim=-1)
@@ -123,7 +125,18 @@ def _sinkhorn_torch(C: Tensor, a: Tensor, b: Tensor, eps: float, max_iter: int, 
     def update_g(f: Tensor) -> Tensor:
         return -eps * torch.logsumexp(neg + (f / eps + log_a).unsqueeze(-1), dim=-2)
 
-    f = update_f(torch.zeros_like(b))
+    # epsilon scaling: warm-start the potentials (kept in cost units) through eps_k = max|C| / 2^k down to eps,
+    # a few iterations each; the fixed point is that of eps alone, reached far sooner when max|C| / eps is large
+    f = torch.zeros_like(a)
+    target = eps
+    eps = max(target, float(C.abs().amax()))
+    while eps > target:
+        neg = C / -eps
+        for _ in range(_SCALING_ITERS):
+            f = update_f(update_g(f))
+        eps = max(target, eps / 2)
+    eps, neg = target, C / -target
+    f = update_f(update_g(f))
     for it in range(max_iter):
         g = update_g(f)  # the columns of the plan (f, g) are now exact
         f_next = update_f(g)
