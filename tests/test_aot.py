@@ -134,3 +134,19 @@ def test_training_step_lowers_violation():
     assert losses[-1] < losses[0]
     after = otloss.fsd_violation((pc - pr).detach(), rc - rr + 0.5, "area").item()
     assert after < before
+
+
+def test_the_two_logistic_defaults_are_each_defined_once():
+    """``"logistic"`` is beta 1 as a generic cost and beta AOT_DEFAULT_BETA = 0.01 in the AOT loss."""
+    from otloss.functional import AOT_DEFAULT_BETA
+
+    assert AOT_DEFAULT_BETA == 0.01
+    g = torch.Generator().manual_seed(5)
+    t = [torch.randn(12, generator=g, dtype=torch.float64) * 50 for _ in range(4)]
+    u, v = t[0] - t[1], t[2] - t[3]
+    assert otloss.get_cost("logistic") == otloss.logistic(1.0)
+    assert otloss.ot_h_1d(u, v, "logistic").item() == otloss.ot_h_1d(u, v, otloss.logistic(1.0)).item()
+    for cost in ("logistic", "hinge", "squared_hinge", "least_squares"):
+        want = otloss.ot_h_1d(u, v, otloss.get_cost(cost, beta=AOT_DEFAULT_BETA)).item()
+        assert otloss.aot_loss(*t, cost=cost).item() == pytest.approx(want, rel=1e-12)
+        assert otloss.AOTLoss(cost=cost)(*t).item() == pytest.approx(want, rel=1e-12)
