@@ -6,7 +6,9 @@ down and documented so that hand-written kernels and autograd agree. Each
 built-in cost is a small class holding its parameters, ``h``, ``dh``, the
 ``kernel_id`` the Triton kernels specialise on and ``at_zero`` (``h(0)`` and the
 derivative used at ``0``). Built-in costs, and modules holding them, pickle,
-deep-copy and go through ``torch.save``/``torch.load(weights_only=False)``.
+deep-copy and go through ``torch.save``/``torch.load(weights_only=False)``; a
+checkpoint holding bare built-in costs (not modules) also loads with the default
+``weights_only=True``.
 
 In AOT, ``z`` is a quantile of the policy's score minus the same quantile of the
 score it must dominate. Every built-in surrogate of the 0/1 loss ``1[z < 0]``
@@ -184,7 +186,7 @@ class Cost:
         return self.h(z), self.grad(z) * scale
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        args = ", ".join(f"{k}={v!r}" for k, v in getattr(self, "params", {}).items())
         return f"{self.name}({args})"
 
 
@@ -390,6 +392,10 @@ def abs_pow(p: float = 1.0) -> AbsPow:
     """
     return AbsPow(p)
 
+
+# Built-in costs hold numbers only: a checkpoint that contains one loads with torch.load's default weights_only=True.
+if hasattr(torch.serialization, "add_safe_globals"):
+    torch.serialization.add_safe_globals([Logistic, Hinge, SquaredHinge, LeastSquares, ZeroOne, AbsPow])
 
 _FACTORIES: dict[str, Callable[..., Cost]] = {
     "logistic": logistic,

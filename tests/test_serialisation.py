@@ -185,3 +185,13 @@ def test_a_coupling_keeps_its_sizes(how):
     back = ROUNDTRIPS[how](c)
     assert type(back) is otloss.Coupling and (back.n, back.m) == (3, 4)
     torch.testing.assert_close(back.to_dense(), c.to_dense(), rtol=0, atol=0)
+
+
+def test_a_checkpoint_holding_built_in_costs_loads_with_weights_only():
+    ckpt = {"cost": otloss.logistic(0.1, 0.2), "others": [otloss.hinge(0.3), otloss.zero_one(), otloss.abs_pow(1.5)]}
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=True)
+    assert back["cost"] == ckpt["cost"] and back["others"] == ckpt["others"]
+    torch.testing.assert_close(back["cost"](Z), ckpt["cost"](Z), rtol=0, atol=0)
