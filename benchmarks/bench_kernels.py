@@ -3,12 +3,14 @@
 Two regimes:
 
 * ``aot``: paired AOT from four log-probability vectors of ``n`` values (the policy's
-  two require grad), the logistic cost with ``beta = 0.01``: one row of a few dozen to
-  a few thousand scalars, where the eager formula is bound by op launches.
-  Methods: ``otloss_triton`` (the fused kernel, CUDA only), ``otloss_torch`` (the
-  PyTorch reference path, ``backend="torch"``), ``trl_eager`` (TRL's formula:
-  ``torch.sort`` twice, ``logsigmoid``, ``mean``; the baseline) and ``trl_compile``
-  (the same formula under ``torch.compile``).
+  two require grad), the logistic cost with ``beta = 0.01``: one row of one (the
+  per-call overhead alone) to a few thousand scalars, where the eager formula is bound
+  by op launches. Methods: ``otloss_triton`` (the fused kernel, CUDA only),
+  ``otloss_torch`` (the PyTorch reference path, ``backend="torch"``), ``minimal`` (the
+  least a hand-written loss does: two ``torch.sort``, ``logsigmoid``, ``mean``; the
+  baseline), ``trl_eager`` (TRL's formula as ``DPOTrainer`` writes it, with both
+  label-smoothing terms) and ``trl_compile`` (that formula under ``torch.compile``).
+  otloss runs with its default value check (``validate_args=True``).
 * ``w2``: ``OT_h`` with ``h(z) = z^2`` (squared Wasserstein-2) of ``rows x n``
   problems, ``u`` and ``v`` both requiring grad: one row, and many rows at once (sliced
   Wasserstein), where the work is bound by memory traffic. Methods: ``otloss_triton``,
@@ -22,9 +24,10 @@ training), ``bwd`` (``torch.autograd.grad`` of a loss computed beforehand) and
 otloss computes ``h'`` in its forward. Compiled methods are compiled for each case's
 shapes from a clean cache (``dynamic=False``) and run with
 ``torch._functorch.config.donated_buffer = False`` so that their backward can be
-replayed. Times are the median with the 20th and 80th
-percentiles: ``triton.testing.do_bench`` on a GPU, ``torch.utils.benchmark`` on the
-CPU (the spread there is that of its timing blocks, at least five). ``speedup`` is the baseline's
+replayed. Times are the median with the 20th and 80th percentiles:
+``triton.testing.do_bench`` on a GPU; on the CPU, interleaved rounds (every method of a
+case timed once per round, a block of calls each, at least ten rounds), so that a
+change in the machine's load hits every method alike. ``speedup`` is the baseline's
 median over the method's, in the same run.
 
 Two references for the absolute numbers:
@@ -36,10 +39,12 @@ Two references for the absolute numbers:
   inputs, ``bwd`` writes the gradients of the inputs that require grad, ``full`` both)
   and the rate that traffic reaches at the measured median.
 
-Rows are appended to a CSV with the run time, commit, device, dtype and versions::
+Rows are appended to a CSV with the run time, commit, device, dtype and versions, case
+by case (a run stopped early keeps the cases it finished)::
 
     python benchmarks/bench_kernels.py                  # CUDA when present, else CPU
-    python benchmarks/bench_kernels.py --device cpu --methods otloss_torch trl_eager trl_compile
+    python benchmarks/bench_kernels.py --device cpu --threads 1 --min-run-time 0.3   # the committed CPU run
+    python benchmarks/bench_kernels.py --device cpu --methods otloss_torch minimal trl_eager trl_compile
     python benchmarks/plot_kernels.py                   # PNG of the latest run
     python benchmarks/summarize_kernels.py              # Markdown table of the latest run
 """
@@ -66,16 +71,16 @@ from otloss.ops import triton_available
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "kernels.csv"
-SIZES = (32, 35, 128, 280, 1024, 4096, 16384)
+SIZES = (1, 32, 35, 128, 280, 1024, 4096, 16384)  # n = 1: the per-call overhead alone
 BATCHED = ((64, 1024), (8192, 1024))
-QUICK_SIZES = (32, 280)
+QUICK_SIZES = (1, 32)
 QUICK_BATCHED = ((4, 64),)
 BETA = 0.01
-MIN_SAMPLES = 5  # timing blocks per CPU measurement, at least
+MIN_SAMPLES = 10  # interleaved rounds per CPU measurement (5 for calls of half a second or more)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BASELINE = {"aot": "trl_eager", "w2": "eager"}
+BASELINE = {"aot": "minimal", "w2": "eager"}
 METHODS = {
-    "aot": ("otloss_triton", "otloss_torch", "trl_eager", "trl_compile"),
+    "aot": ("otloss_triton", "otloss_torch", "minimal", "trl_eager", "trl_compile"),
     "w2": ("otloss_triton", "otloss_torch", "eager", "eager_compile", "pot"),
 }
 COLUMNS = [
@@ -95,6 +100,11 @@ def trl_formula(pc, pr, rc, rr, beta=BETA, label_smoothing=0.0):
         -F.logsigmoid(beta * delta) * (1 - label_smoothing) - F.logsigmoid(-beta * delta) * label_smoothing
     )
     return per_sequence_loss.mean()
+
+
+def minimal_formula(pc, pr, rc, rr, beta=BETA):
+    """The least a hand-written paired AOT loss does: two sorts, ``logsigmoid``, ``mean``."""
+    return -F.logsigmoid(beta * (torch.sort(pc - pr).values - torch.sort(rc - rr).values)).mean()
 
 
 def eager_w2(u, v):
@@ -142,11 +152,36 @@ def _device_name(device: str) -> str:
 
 
 class Timer:
-    """Median and 20th/80th percentiles in milliseconds, the right way for the device."""
+    """Median and 20th/80th percentiles in milliseconds of several functions, side by side."""
 
     def __init__(self, device: str, min_run_time: float) -> None:
         self.device = device
         self.min_run_time = min_run_time
+
+    def many(self, fns: dict[str, Callable[[], object]]) -> dict[str, tuple[float, float, float]]:
+        """Each function's ``(p50, p20, p80)``; on the CPU in interleaved rounds."""
+        if self.device == "cuda":
+            return {name: self(fn) for name, fn in fns.items()}
+        per_call = {}
+        for name, fn in fns.items():
+            fn()  # warm-up (and first-call work such as compilation)
+            t0 = time.perf_counter()
+            fn()
+            per_call[name] = max(time.perf_counter() - t0, 1e-7)
+        rounds = MIN_SAMPLES if max(per_call.values()) < 0.5 else MIN_SAMPLES // 2  # seconds-long calls: 5 rounds
+        # a block of calls per method and round, so that all the rounds fill about min_run_time per method
+        number = {k: max(1, int(self.min_run_time / rounds / t)) for k, t in per_call.items()}
+        samples: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(number[name]):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / number[name] * 1e3)
+        return {
+            k: (float(np.median(v)), float(np.percentile(v, 20)), float(np.percentile(v, 80)))
+            for k, v in samples.items()
+        }
 
     def __call__(self, fn: Callable[[], object]) -> tuple[float, float, float]:
         if self.device == "cuda":
@@ -156,15 +191,7 @@ class Timer:
                 fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=max(50, int(self.min_run_time * 1e3))
             )
             return p50, p20, p80
-        from torch.utils.benchmark import Timer as TorchTimer
-
-        fn()  # warm-up (and first-call work such as compilation)
-        timer = TorchTimer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        times = list(timer.blocked_autorange(min_run_time=self.min_run_time).times)
-        while len(times) < MIN_SAMPLES:  # slow cases: single calls until the percentiles mean something
-            times += timer.timeit(1).times
-        times = np.asarray(times) * 1e3
-        return float(np.median(times)), float(np.percentile(times, 20)), float(np.percentile(times, 80))
+        return self.many({"fn": fn})["fn"]
 
     def floor(self) -> float:
         if self.device == "cuda":
@@ -200,7 +227,7 @@ def _case(regime: str, method: str, rows: int, n: int, dtype: torch.dtype, devic
             def loss():
                 return otloss.aot_loss(pc, pr, rc, rr, beta=BETA, backend=backend)
         else:
-            formula = _compiled(trl_formula) if method == "trl_compile" else trl_formula
+            formula = {"trl_compile": _compiled(trl_formula), "trl_eager": trl_formula}.get(method, minimal_formula)
 
             def loss():
                 return formula(pc, pr, rc, rr)
@@ -228,11 +255,12 @@ def _available(method: str, device: str) -> str | None:
     if method == "otloss_triton" and (device != "cuda" or not triton_available()):
         return "the fused kernel needs a CUDA GPU and triton"
     if method == "pot" and not _version("ot"):
-        return "POT is not installed (pip install 'otloss[pot]')"
+        return "POT is not installed (pip install 'torch-otloss[pot]')"
     return None
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace, out: Path | None = None) -> list[dict]:
+    """Time every case; with ``out``, append each case's rows to that CSV as soon as it is timed."""
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -255,7 +283,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     sizes = QUICK_SIZES if args.quick else SIZES
     batched = QUICK_BATCHED if args.quick else BATCHED
     cases = [("aot", 1, n) for n in sizes] + [("w2", 1, n) for n in sizes] + [("w2", r, n) for r, n in batched]
-    results = []
+    results: list[dict] = []
+    skipped: set[str] = set()
     for dname in args.dtypes:
         dtype = DTYPES[dname]
         for regime, rows, n in cases:
@@ -264,34 +293,45 @@ def run(args: argparse.Namespace) -> list[dict]:
             methods = [m for m in METHODS[regime] if m in args.methods]
             if BASELINE[regime] not in methods:
                 methods.insert(0, BASELINE[regime])
-            timed = {}
+            passes: dict[str, dict[str, Callable[[], object]]] = {"fwd": {}, "bwd": {}, "full": {}}
+            nbytes = {}
             for method in methods:
                 why = _available(method, device)
                 if why is not None:
+                    if why not in skipped:
+                        skipped.add(why)
+                        print(f"skipping {method}: {why}", flush=True)
                     continue
                 loss_fn, inputs, read, written = _case(regime, method, rows, n, dtype, device)
                 loss = loss_fn()
-                passes = {
-                    "fwd": (loss_fn, read),
-                    "bwd": (lambda loss=loss, inputs=inputs: torch.autograd.grad(loss, inputs, retain_graph=True), written),
-                    "full": (lambda loss_fn=loss_fn, inputs=inputs: torch.autograd.grad(loss_fn(), inputs), read + written),
-                }  # fmt: skip
-                for p, (fn, nbytes) in passes.items():
-                    timed[(method, p)] = (timer(fn), nbytes)
-            for (method, p), ((p50, p20, p80), nbytes) in timed.items():
+                passes["fwd"][method] = loss_fn
+                passes["bwd"][method] = lambda loss=loss, inputs=inputs: torch.autograd.grad(
+                    loss, inputs, retain_graph=True
+                )
+                passes["full"][method] = lambda loss_fn=loss_fn, inputs=inputs: torch.autograd.grad(loss_fn(), inputs)
+                nbytes.update({(method, "fwd"): read, (method, "bwd"): written, (method, "full"): read + written})
+            timed = {}
+            for p, fns in passes.items():
+                for method, t in timer.many(fns).items():
+                    timed[(method, p)] = (t, nbytes[(method, p)])
+            case_rows = []
+            for (method, p), ((p50, p20, p80), nbytes_) in timed.items():
                 base = timed[(BASELINE[regime], p)][0][0]
                 row = {
                     **meta, "regime": regime, "dtype": dname, "rows": rows, "n": n, "method": method, "pass": p,
-                    "ms_p50": p50, "ms_p20": p20, "ms_p80": p80, "speedup": base / p50, "bytes": nbytes,
-                    "gbps": nbytes / (p50 * 1e-3) / 1e9, "floor_ms": floor,
+                    "ms_p50": p50, "ms_p20": p20, "ms_p80": p80, "speedup": base / p50, "bytes": nbytes_,
+                    "gbps": nbytes_ / (p50 * 1e-3) / 1e9, "floor_ms": floor,
                 }  # fmt: skip
-                results.append(row)
+                case_rows.append(row)
                 if p == "full":
                     print(
                         f"{regime:3s} {dname:8s} {rows:5d}x{n:<6d} {method:14s} full {p50:9.4f} ms "
                         f"[{p20:.4f}, {p80:.4f}]  x{base / p50:5.2f} vs {BASELINE[regime]}",
                         flush=True,
                     )
+            if out is not None:
+                write_csv(case_rows, out)
+            results += case_rows
     return results
 
 
@@ -321,13 +361,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
     parser.add_argument("--quick", action="store_true", help="two small sizes and one tiny batch (a smoke run)")
+    parser.add_argument(
+        "--threads", type=int, help="torch's CPU threads (default: torch's own); 1 keeps a loaded machine's noise out"
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.methods is None:
         cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         args.methods = [m for m in all_methods if cuda or not m.endswith("compile")]
     start = time.perf_counter()
-    rows = run(args)
-    write_csv(rows, args.out)
+    rows = run(args, out=args.out)
     print(f"{len(rows)} rows appended to {args.out} in {time.perf_counter() - start:.0f} s")
     return 0
 

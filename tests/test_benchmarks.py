@@ -42,7 +42,7 @@ def test_quick_cpu_run_writes_every_case_method_and_pass(quick_csv):
     got = {(r["regime"], int(r["rows"]), int(r["n"]), r["method"], r["pass"]) for r in rows}
     cases = [("aot", 1, n) for n in bench.QUICK_SIZES] + [("w2", 1, n) for n in bench.QUICK_SIZES]
     cases += [("w2", r, n) for r, n in bench.QUICK_BATCHED]
-    methods = {"aot": ("otloss_torch", "trl_eager"), "w2": ("otloss_torch", "eager", "pot")}
+    methods = {"aot": ("otloss_torch", "minimal", "trl_eager"), "w2": ("otloss_torch", "eager", "pot")}
     want = {(g, r, n, m, p) for g, r, n in cases for m in methods[g] for p in ("fwd", "bwd", "full")}
     assert got == want  # no kernel rows without a GPU, no torch.compile rows by default on the CPU
     for r in rows:
@@ -69,6 +69,7 @@ def test_trl_formula_is_what_the_reference_path_computes():
     g = torch.Generator().manual_seed(0)
     pc, pr, rc, rr = (torch.randn(35, generator=g, dtype=torch.float64) * 20 for _ in range(4))
     torch.testing.assert_close(bench.trl_formula(pc, pr, rc, rr), otloss.aot_loss(pc, pr, rc, rr, beta=bench.BETA))
+    torch.testing.assert_close(bench.minimal_formula(pc, pr, rc, rr), otloss.aot_loss(pc, pr, rc, rr, beta=bench.BETA))
     u, v = torch.randn(3, 50, generator=g, dtype=torch.float64), torch.randn(3, 50, generator=g, dtype=torch.float64)
     torch.testing.assert_close(bench.eager_w2(u, v), otloss.ot_h_1d(u, v, otloss.abs_pow(2.0)))
     pytest.importorskip("ot")
@@ -89,7 +90,8 @@ def test_plot_and_table_read_the_csv(quick_csv, tmp_path):
     assert _load("plot_kernels").main([str(path), "--out", str(out)]) == 0
     assert out.stat().st_size > 5000
     text = _load("summarize_kernels").table(rows)
-    assert "| float32 | 1 x 32 |" in text and "`trl_eager`" in text and "`pot`" in text
+    assert "| float32 | 1 x 32 |" in text and "| float32 | 1 x 1 |" in text  # n = 1: the per-call overhead
+    assert "`minimal`" in text and "`trl_eager`" in text and "`pot`" in text
     median = next(
         r for r in rows if (r["regime"], r["n"], r["method"], r["pass"]) == ("aot", "32", "trl_eager", "full")
     )
@@ -107,6 +109,17 @@ def test_summary_keeps_the_newest_run_of_each_device():
     ]
     runs = summarize.latest_runs(rows)
     assert {d: [r["ms_p50"] for r in run] for d, run in runs.items()} == {"A": ["1.0"], "B": ["5.0"]}
+    # one CPU timed with 2 threads, then with 1: one machine, the newest run shown
+    rows += [
+        base | {"device": "CPU X (2 threads)", "time": "2026-01-01", "ms_p50": "3.0"},
+        base | {"device": "CPU X (1 threads)", "time": "2026-03-01", "ms_p50": "4.0"},
+    ]
+    runs = summarize.latest_runs(rows)
+    assert {d: [r["ms_p50"] for r in run] for d, run in runs.items()} == {
+        "A": ["1.0"],
+        "B": ["5.0"],
+        "CPU X (1 threads)": ["4.0"],
+    }
     with pytest.raises(ValueError, match="no <!-- kernels-table:begin -->"):
         summarize.replace_block("no markers", "x")
     assert summarize.replace_block(f"a {summarize.BEGIN}old{summarize.END} b", "new\n") == (
