@@ -8,6 +8,7 @@ from otloss.costs import Cost, abs_pow, get_cost, hinge, least_squares, logistic
 from otloss.coupling import Coupling, quantile_coupling
 from otloss.diagnostics import fsd_report, quantile_function, quantile_margins
 from otloss.distributed import QuantileMemory, all_gather_variable
+from otloss.dominance import dominance_test, multivariate_aot_loss, rank_models, violation_ratio
 from otloss.entropic import entropic_ot
 from otloss.functional import aot_loss, fsd_violation, ot_h_1d
 from otloss.modules import AOTLoss, FSDViolation, OTLoss
@@ -32,6 +33,7 @@ __all__ = [
     "abs_pow",
     "all_gather_variable",
     "aot_loss",
+    "dominance_test",
     "entropic_ot",
     "fsd_report",
     "fsd_violation",
@@ -41,16 +43,19 @@ __all__ = [
     "hinge",
     "least_squares",
     "logistic",
+    "multivariate_aot_loss",
     "ot_h_1d",
     "plot_loss",
     "quantile_coupling",
     "quantile_function",
     "quantile_margins",
+    "rank_models",
     "set_validate_args",
     "sliced_ot",
     "soft_sort",
     "squared_hinge",
     "token_ot_loss",
     "torchsort_available",
+    "violation_ratio",
     "zero_one",
 ]

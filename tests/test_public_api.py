@@ -20,7 +20,18 @@ def test_star_import_resolves_every_name():
 def test_submodule_all_lists_exist():
     import importlib
 
-    for mod in ["costs", "coupling", "diagnostics", "entropic", "functional", "modules", "sliced", "sorting", "tokens"]:
+    for mod in [
+        "costs",
+        "coupling",
+        "diagnostics",
+        "dominance",
+        "entropic",
+        "functional",
+        "modules",
+        "sliced",
+        "sorting",
+        "tokens",
+    ]:
         m = importlib.import_module(f"otloss.{mod}")
         for name in m.__all__:
             assert hasattr(m, name), f"otloss.{mod}.{name}"

@@ -1,0 +1,316 @@
+"""Stochastic dominance: ratios against independent oracles, the bootstrap test, rankings, the multi-reward loss."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from helpers import quantile_integral, requires_pot
+from tolerances import tol
+
+import otloss
+from otloss import dominance as dom
+
+F64 = tol(torch.float64, "value")
+
+
+def _neg2(z):
+    return np.maximum(-z, 0.0) ** 2
+
+
+def _oracle_ratio_1d(x, y):
+    fwd = quantile_integral(x.numpy(), y.numpy(), _neg2)
+    rev = quantile_integral(y.numpy(), x.numpy(), _neg2)
+    return fwd / (fwd + rev)
+
+
+@pytest.mark.parametrize(("n", "m"), [(50, 50), (37, 81)])
+def test_1d_ratio_equals_quantile_integral(n, m):
+    g = torch.Generator().manual_seed(n + m)
+    x = torch.randn(n, generator=g, dtype=torch.float64) + 0.2
+    y = 1.5 * torch.randn(m, generator=g, dtype=torch.float64)
+    r = dom.violation_ratio(x, y)
+    torch.testing.assert_close(r, torch.tensor(_oracle_ratio_1d(x, y), dtype=torch.float64), **F64)
+    torch.testing.assert_close(r + dom.violation_ratio(y, x), torch.tensor(1.0, dtype=torch.float64), **F64)
+    # the W2 reading: violation / W2^2
+    w2 = otloss.ot_h_1d(x, y, otloss.abs_pow(2))
+    torch.testing.assert_close(r * w2, otloss.ot_h_1d(x, y, otloss.squared_hinge(0.0)), **F64)
+
+
+def test_1d_ratio_with_weights_matches_repeated_samples():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, generator=g, dtype=torch.float64)
+    y = torch.randn(12, generator=g, dtype=torch.float64)
+    wx = torch.randint(1, 4, (10,), generator=g).double()
+    r = dom.violation_ratio(x, y, x_weights=wx)
+    torch.testing.assert_close(r, dom.violation_ratio(x.repeat_interleave(wx.long()), y), **F64)
+
+
+def _lorenz_grid(v, t):
+    q = np.sort(v)[np.minimum((t * len(v)).astype(int), len(v) - 1)]
+    return np.cumsum(q) / len(t)
+
+
+@pytest.mark.parametrize(("n", "m"), [(40, 40), (30, 55)])
+def test_ssd_ratio_matches_grid_integration(n, m):
+    g = torch.Generator().manual_seed(7 + n)
+    x = torch.randn(n, generator=g, dtype=torch.float64) + 0.1
+    y = 0.5 * torch.randn(m, generator=g, dtype=torch.float64)
+    grid = 400_000
+    t = (np.arange(grid) + 0.5) / grid
+    D = _lorenz_grid(x.numpy(), t) - _lorenz_grid(y.numpy(), t)
+    ref = np.sum(np.minimum(D, 0) ** 2) / np.sum(D**2)
+    r = dom.violation_ratio(x, y, order=2)
+    assert abs(float(r) - ref) < 1e-4, (float(r), ref)
+    torch.testing.assert_close(r + dom.violation_ratio(y, x, order=2), torch.tensor(1.0, dtype=torch.float64), **F64)
+
+
+def test_ssd_is_weaker_than_fsd():
+    # same mean, y more spread: x dominates y in the second order but not in the first
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(400, generator=g, dtype=torch.float64)
+    x, y = z, 2 * z
+    assert float(dom.violation_ratio(x, y)) > 0.3
+    assert float(dom.violation_ratio(x, y, order=2)) < 1e-12
+    assert float(dom.violation_ratio(y, x, order=2)) == pytest.approx(1.0)
+
+
+def test_identical_samples_give_one_half():
+    x = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    assert float(dom.violation_ratio(x, x.clone())) == 0.5
+    assert float(dom.violation_ratio(x, x.clone(), order=2)) == 0.5
+
+
+@requires_pot
+def test_multivariate_entropic_matches_pot_sinkhorn2():
+    import ot
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(25, 3, generator=g, dtype=torch.float64)
+    y = torch.rand(30, 3, generator=g, dtype=torch.float64) - 0.1
+    eps = 0.05
+    r = dom.violation_ratio(x, y, epsilon=eps, tol=1e-12, max_iter=50_000)
+    xn, yn = x.numpy(), y.numpy()
+    Cf = (np.maximum(-(xn[:, None, :] - yn[None, :, :]), 0) ** 2).sum(-1)
+    Cr = (np.maximum(-(yn[None, :, :] - xn[:, None, :]), 0) ** 2).sum(-1)
+    a, b = np.full(25, 1 / 25), np.full(30, 1 / 30)
+    kw = dict(method="sinkhorn_log", stopThr=1e-14, numItermax=100_000)
+    f, rv = ot.sinkhorn2(a, b, Cf, eps, **kw), ot.sinkhorn2(a, b, Cr, eps, **kw)
+    torch.testing.assert_close(r, torch.tensor(float(f / (f + rv)), dtype=torch.float64), rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(
+        r + dom.violation_ratio(y, x, epsilon=eps, tol=1e-12, max_iter=50_000),
+        torch.tensor(1.0, dtype=torch.float64),
+        rtol=1e-8,
+        atol=1e-9,
+    )
+
+
+@requires_pot
+def test_multivariate_with_one_metric_tends_to_1d():
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(30, generator=g, dtype=torch.float64) + 0.05
+    y = torch.rand(24, generator=g, dtype=torch.float64)
+    exact = dom.violation_ratio(x, y)
+    torch.testing.assert_close(dom.violation_ratio(x[:, None], y[:, None], epsilon=0), exact, **F64)
+    errs = [
+        abs(float(dom.violation_ratio(x[:, None], y[:, None], epsilon=e, tol=1e-10, max_iter=100_000)) - float(exact))
+        for e in (1e-2, 1e-3, 1e-4)
+    ]
+    assert errs[-1] < 0.02 and errs[-1] < errs[0], errs
+
+
+def test_dominance_by_design():
+    g = torch.Generator().manual_seed(6)
+    y = torch.randn(80, 3, generator=g, dtype=torch.float64)
+    x = y + torch.randn(80, 3, generator=g, dtype=torch.float64).abs()
+    r = float(dom.violation_ratio(x, y, backend="torch"))
+    assert r < 0.05, r
+    assert float(dom.violation_ratio(y, x, backend="torch")) == pytest.approx(1 - r, abs=1e-6)
+    # 1-D: exact zero under componentwise dominance
+    assert float(dom.violation_ratio(x[:, 0], y[:, 0])) == 0.0
+    assert float(dom.violation_ratio(y[:, 0], x[:, 0])) == 1.0
+
+
+def test_smooth_costs_and_gradient():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(20, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(15, 2, generator=g, dtype=torch.float64)
+    r = dom.violation_ratio(x, y, cost="logistic", beta=4.0, epsilon=0.1)
+    assert 0 < float(r) < 1
+    r.backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all()) and float(x.grad.abs().sum()) > 0
+    assert float(dom.violation_ratio(x.detach()[:, 0], y[:, 0], cost="zero_one")) <= 1.0
+
+
+def test_dominance_test_verdicts_and_reproducibility():
+    g = torch.Generator().manual_seed(9)
+    y = torch.randn(300, generator=g, dtype=torch.float64)
+    x = torch.randn(300, generator=g, dtype=torch.float64) + 1.0
+    res = dom.dominance_test(x, y, n_bootstrap=300, generator=torch.Generator().manual_seed(1))
+    assert res.absolute and res.relative
+    assert res.ci_low <= res.ratio <= res.ci_high and res.bootstrap.shape == (300,)
+    again = dom.dominance_test(x, y, n_bootstrap=300, generator=torch.Generator().manual_seed(1))
+    assert again.ratio == res.ratio and again.ci_high == res.ci_high
+    rev = dom.dominance_test(y, x, n_bootstrap=300, generator=torch.Generator().manual_seed(1))
+    assert not rev.absolute and not rev.relative
+    assert rev.ratio == pytest.approx(1 - res.ratio)
+    assert "violation ratio" in res.report() and "reject H0" in res.report()
+    ssd = dom.dominance_test(x, y, order=2, n_bootstrap=100, generator=torch.Generator().manual_seed(1))
+    assert ssd.absolute
+
+
+def test_dominance_test_multivariate_small():
+    g = torch.Generator().manual_seed(10)
+    y = torch.rand(40, 2, generator=g, dtype=torch.float64)
+    x = y + 0.3 * torch.rand(40, 2, generator=g, dtype=torch.float64)
+    res = dom.dominance_test(x, y, n_bootstrap=8, generator=g, backend="torch")
+    assert res.bootstrap.shape == (8,) and 0 <= res.ratio < 0.5
+
+
+def _true_ratio_normals(mu1, s1, mu2, s2, grid=2_000_000):
+    from scipy.stats import norm
+
+    t = (np.arange(grid) + 0.5) / grid
+    d = (mu1 - mu2) + (s1 - s2) * norm.ppf(t)
+    return float(np.sum(np.minimum(d, 0) ** 2) / np.sum(d**2))
+
+
+def _coverage(reps, n, n_boot, seed):
+    truth = _true_ratio_normals(0.3, 1.0, 0.0, 1.5)
+    g = torch.Generator().manual_seed(seed)
+    hits = 0
+    for _ in range(reps):
+        x = 0.3 + torch.randn(n, generator=g, dtype=torch.float64)
+        y = 1.5 * torch.randn(n, generator=g, dtype=torch.float64)
+        res = dom.dominance_test(x, y, n_bootstrap=n_boot, alpha=0.1, generator=g)
+        hits += res.ci_low <= truth <= res.ci_high
+    return hits / reps
+
+
+def test_bootstrap_coverage_small():
+    # CI's small version: 40 repetitions; a 90% interval covering fewer than 70% would be a broken interval
+    assert _coverage(40, 300, 200, seed=11) >= 0.7
+
+
+@pytest.mark.slow
+def test_bootstrap_coverage_nominal():
+    # 200 repetitions of a 90% interval: the binomial s.e. is 2.1%, so [0.84, 0.96] is +-3 s.e.
+    cov = _coverage(200, 1000, 400, seed=12)
+    assert 0.84 <= cov <= 0.96, cov
+
+
+def test_rank_models_borda_and_family_wise_control():
+    g = torch.Generator().manual_seed(13)
+    models = {f"m{i}": torch.randn(200, 2, generator=g, dtype=torch.float64) + 0.5 * i for i in range(4)}
+    res = dom.rank_models(models, n_bootstrap=100, generator=g)
+    assert res.order == ["m3", "m2", "m1", "m0"]
+    assert res.one_vs_all.shape == (2, 4) and res.pairwise.shape == (2, 4, 4) and res.ranks.shape == (2, 4)
+    torch.testing.assert_close(res.borda, torch.tensor([0.0, 2.0, 4.0, 6.0], dtype=torch.float64))
+    assert bool(res.better[:, 3, 0].all()) and not bool(res.better[:, 0, 3].any())
+    assert "m3" in res.report()
+    # no real differences: Holm keeps the family-wise error rate, so no pair is declared better here
+    same = [torch.randn(150, generator=g, dtype=torch.float64) for _ in range(4)]
+    assert not bool(dom.rank_models(same, n_bootstrap=100, generator=g).better.any())
+
+
+def test_rank_models_multivariate():
+    g = torch.Generator().manual_seed(14)
+    models = [torch.rand(30, 2, generator=g, dtype=torch.float64) + 0.4 * i for i in range(3)]
+    res = dom.rank_models(models, aggregate="multivariate", n_bootstrap=4, generator=g, backend="torch")
+    assert res.order == ["2", "1", "0"] and res.one_vs_all.shape == (1, 3)
+
+
+def test_holm():
+    p = torch.tensor([0.01, 0.04, 0.03, float("nan"), 0.5])
+    assert dom._holm(p, 0.05).tolist() == [True, False, False, False, False]
+    assert dom._holm(p, 0.2).tolist() == [True, True, True, False, False]
+
+
+def test_multivariate_aot_loss_one_metric_exact_and_trains():
+    g = torch.Generator().manual_seed(15)
+    c = torch.randn(12, generator=g, dtype=torch.float64)
+    r = torch.randn(9, generator=g, dtype=torch.float64)
+    if importlib.util.find_spec("ot") is not None:
+        torch.testing.assert_close(
+            dom.multivariate_aot_loss(c, r, beta=1.0, epsilon=0), otloss.ot_h_1d(c, r, otloss.logistic(1.0)), **F64
+        )
+    chosen = torch.randn(64, 3, generator=g, requires_grad=True)
+    rejected = torch.randn(64, 3, generator=g) + 0.5
+    opt = torch.optim.SGD([chosen], lr=5.0)
+    before = float(dom.violation_ratio(chosen.detach(), rejected))
+    for _ in range(30):
+        opt.zero_grad()
+        loss = dom.multivariate_aot_loss(chosen, rejected, beta=1.0, epsilon=0.05)
+        loss.backward()
+        opt.step()
+    after = float(dom.violation_ratio(chosen.detach(), rejected))
+    assert after < before / 2, (before, after)
+
+
+def test_multivariate_aot_loss_gradcheck():
+    g = torch.Generator().manual_seed(16)
+    c = torch.randn(5, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(4, 2, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda t: dom.multivariate_aot_loss(
+            t, r, beta=1.0, epsilon=0.3, grad="implicit", tol=1e-13, max_iter=100_000, backend="torch"
+        ),
+        (c,),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision(dtype):
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(50, generator=g)
+    y = torch.randn(40, generator=g)
+    r = dom.violation_ratio(x.to(dtype), y.to(dtype))
+    assert r.dtype == dtype
+    ref = dom.violation_ratio(x.to(dtype).double(), y.to(dtype).double())
+    torch.testing.assert_close(r.double(), ref, **tol(dtype, "value"))
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "match"),
+    [
+        (lambda: dom.violation_ratio(torch.rand(5, 2), torch.rand(5, 3)), ValueError, "same number of metrics"),
+        (lambda: dom.violation_ratio(torch.rand(5, 2), torch.rand(5)), ValueError, "both be"),
+        (lambda: dom.violation_ratio(torch.tensor([0.0, float("nan")]), torch.rand(3)), ValueError, "non-finite"),
+        (lambda: dom.violation_ratio(torch.rand(1), torch.rand(3)), ValueError, "n >= 2"),
+        (lambda: dom.violation_ratio(torch.rand(2, 2, 2), torch.rand(3)), ValueError, r"\[n, d\]"),
+        (lambda: dom.violation_ratio(torch.rand(5), torch.rand(5).double()), TypeError, "same dtype"),
+        (lambda: dom.violation_ratio([1.0, 2.0], torch.rand(5)), TypeError, "torch.Tensor"),
+        (lambda: dom.violation_ratio(torch.rand(5), torch.rand(5), epsilon=0.1), ValueError, "epsilon applies"),
+        (lambda: dom.violation_ratio(torch.rand(5, 2), torch.rand(5, 2), order=2), ValueError, "order=2"),
+        (lambda: dom.violation_ratio(torch.rand(5), torch.rand(5), order=3), ValueError, "order must be"),
+        (lambda: dom.violation_ratio(torch.rand(5), torch.rand(5), cost="cubic"), ValueError, "cost must be"),
+        (
+            lambda: dom.violation_ratio(torch.rand(5), torch.rand(5), cost=otloss.hinge(), beta=1.0),
+            ValueError,
+            "beta",
+        ),
+        (lambda: dom.violation_ratio(torch.rand(5, 2), torch.rand(5, 2), epsilon=-1.0), ValueError, "epsilon"),
+        (
+            lambda: dom.violation_ratio(torch.rand(5), torch.rand(5), x_weights=torch.ones(4)),
+            ValueError,
+            "x_weights",
+        ),
+        (
+            lambda: dom.violation_ratio(torch.rand(5), torch.rand(5), x_weights=-torch.ones(5)),
+            ValueError,
+            "non-negative",
+        ),
+        (lambda: dom.dominance_test(torch.rand(5), torch.rand(5), alpha=1.5), ValueError, "alpha"),
+        (lambda: dom.dominance_test(torch.rand(5), torch.rand(5), n_bootstrap=1), ValueError, "n_bootstrap"),
+        (lambda: dom.dominance_test(torch.rand(5), torch.rand(5), threshold=0.0), ValueError, "threshold"),
+        (lambda: dom.rank_models([torch.rand(5)]), ValueError, "at least 2"),
+        (lambda: dom.rank_models([torch.rand(5), torch.rand(5)], aggregate="mean"), ValueError, "aggregate"),
+        (lambda: dom.rank_models([torch.rand(5, 2), torch.rand(5, 3)]), ValueError, "same number of metrics"),
+        (lambda: dom.multivariate_aot_loss(torch.rand(5, 2), torch.rand(5, 2), cost="zero_one"), ValueError, "cost"),
+    ],
+)
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
