@@ -17,7 +17,7 @@ NO_NVCC_PATH := $(shell nv=$$(command -v nvcc 2>/dev/null); if [ -n "$$nv" ]; th
 PIP_QUIET ?= --quiet
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: test test-fast test-latest lint format install install-demo lock bench docs docs-build clean demo
+.PHONY: test test-fast test-latest lint format install install-demo lock bench bench-all gpu-check docs docs-build clean demo
 
 # $(1): stamp file, $(2): extras to install from the lock.
 define install_locked
@@ -77,10 +77,24 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# BENCH_FLAGS: on a shared CPU, one thread per method and longer runs give steadier medians.
+BENCH_FLAGS ?= --threads 1 --min-run-time 0.3
 bench: $(VENV)/.installed
-	$(PY) benchmarks/bench_kernels.py
+	$(PY) benchmarks/bench_kernels.py $(BENCH_FLAGS)
 	$(PY) benchmarks/plot_kernels.py
 	$(PY) benchmarks/summarize_kernels.py --readme README.md
+
+# The other benchmarks: soft sort against torchsort, sliced OT against POT, PLOT's step cost, dominance.
+bench-all: bench
+	$(PY) benchmarks/bench_soft_sort.py && $(PY) benchmarks/bench_soft_sort.py --plot
+	$(PY) benchmarks/bench_sliced.py
+	$(PY) benchmarks/bench_plot.py
+	$(PY) benchmarks/bench_dominance.py
+
+# On a machine with a CUDA device: the CUDA- and Triton-marked tests, then the kernel benchmark (OUT=dir).
+OUT ?= outputs/gpu_check
+gpu-check:
+	bash benchmarks/gpu_check.sh $(OUT)
 
 docs: $(VENV)/.installed
 	$(VENV)/bin/mkdocs serve
