@@ -21,7 +21,7 @@ from torch import Tensor
 
 from otloss.diagnostics import fsd_report
 from otloss.distributed import all_gather_variable
-from otloss.functional import aot_loss
+from otloss.functional import AOT_DEFAULT_BETA, aot_loss
 from otloss.modules import AOTLoss
 from otloss.tokens import PLOTLoss, PLOTOutput
 
@@ -39,7 +39,7 @@ __all__ = [
     "world_size",
 ]
 
-DEFAULT_BETA = 0.01  # what beta=None means in otloss.aot_loss: the AOT paper's value
+DEFAULT_BETA = AOT_DEFAULT_BETA  # what beta=None means in otloss.aot_loss: the AOT paper's value
 _AOT_OPTIONS = [p.name for p in inspect.signature(aot_loss).parameters.values() if p.kind is p.KEYWORD_ONLY]
 
 
