@@ -14,7 +14,8 @@ Solvers (``backend``):
 * ``"pot"``: POT's batched log-domain Sinkhorn, ``ot.batch.solve_batch(method="log_sinkhorn")``, torch backend
   (POT >= 0.9.6). It runs under ``torch.no_grad``; the gradient is attached by otloss (see below).
 * ``"torch"``: otloss's own log-domain Sinkhorn with potentials kept in the units of the cost, so zero weights
-  (padding) give ``-inf`` only inside ``log a``/``log b`` and never in a potential; it needs no POT.
+  (padding) give ``-inf`` only inside ``log a``/``log b`` and never in a potential, warm-started by epsilon
+  scaling (``max|C|`` halved down to ``eps``); it needs no POT.
 * ``"auto"`` (default): POT when it imports, else the torch solver. Both stop on the same rule and give the same
   plan up to ``tol``.
 
@@ -252,8 +253,9 @@ def entropic_ot(
         epsilon: entropic strength ``eps >= 0``, in the units of the cost (never rescaled). ``0`` solves the
             exact LP with POT's ``ot.emd`` (needs POT; ``n * m`` up to ``EXACT_MAX_SIZE`` per problem).
             Small ``eps`` needs more iterations: the number grows roughly like ``max|C| / eps``.
-        max_iter: at most this many Sinkhorn iterations (default 1000); a ``RuntimeWarning`` says when the plan's
-            marginals are still off by more than ``tol`` after them.
+        max_iter: at most this many Sinkhorn iterations at ``epsilon`` (default 1000); a ``RuntimeWarning`` says
+            when the plan's marginals are still off by more than ``10 * tol`` (L1) after them. The torch solver
+            first warms its potentials up with 5 iterations per halving of ``epsilon`` from ``max|C|``, not counted.
         tol: stop when the L1 norm of the row-marginal error is below ``tol`` in every problem (checked every 10
             iterations; default ``1e-6``, about the float32 floor).
         return_plan: also return the plan ``[batch, n, m]`` (carries no gradient).
