@@ -102,7 +102,7 @@ docs: $(VENV)/.installed
 docs-build: $(VENV)/.installed
 	$(VENV)/bin/mkdocs build --strict
 
-demo: PIP_QUIET := --progress-bar on
+demo install-demo: PIP_QUIET := --progress-bar on
 demo: $(VENV)/.installed-demo
 	$(PY) -m examples.imdb
 
