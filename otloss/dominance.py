@@ -40,6 +40,7 @@ __all__ = [
     "dominance_cost_matrices",
     "dominance_test",
     "multivariate_aot_loss",
+    "plot_dominance",
     "rank_models",
     "violation_ratio",
 ]
@@ -701,3 +702,48 @@ def multivariate_aot_loss(
         C, wx, wy, epsilon=eps, grad=grad, max_iter=max_iter, tol=tol, backend=backend, validate_args=False
     )
     return value.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------- plots
+def plot_dominance(result: DominanceResult | RankingResult, ax=None):
+    """Plot a test or a ranking with matplotlib (imported lazily; ``pip install matplotlib``).
+
+    * :class:`DominanceResult`: histogram of the bootstrap ratios, the point estimate, the confidence interval,
+      the absolute test's threshold and the relative test's 0.5.
+    * :class:`RankingResult`: one-versus-all ratio of each model per metric (bars, best model first).
+
+    Args:
+        result: what :func:`dominance_test` or :func:`rank_models` returned.
+        ax: a matplotlib ``Axes``; ``None`` creates a figure.
+
+    Returns:
+        The ``Axes`` drawn on.
+    """
+    if not isinstance(result, (DominanceResult, RankingResult)):
+        raise TypeError(f"result must be a DominanceResult or a RankingResult, got {type(result).__name__}")
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plot_dominance needs matplotlib: pip install matplotlib") from None
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    if isinstance(result, DominanceResult):
+        ax.hist(result.bootstrap.numpy(), bins=30, color="0.8", label=f"bootstrap ({result.bootstrap.numel()})")
+        ax.axvline(result.ratio, color="k", label=f"ratio {result.ratio:.3f}")
+        ax.axvspan(result.ci_low, result.ci_high, color="C0", alpha=0.2, label=f"{100 * (1 - result.alpha):.0f}% CI")
+        ax.axvline(result.threshold, color="C3", ls="--", label=f"threshold {result.threshold:g}")
+        ax.axvline(0.5, color="C2", ls=":", label="relative test 0.5")
+        ax.set_xlabel("violation ratio of x over y (0: x dominates)")
+        ax.legend(fontsize="small")
+    else:
+        k, M = len(result.names), result.one_vs_all.shape[0]
+        width = 0.8 / M
+        idx = [result.names.index(n) for n in result.order]
+        for m in range(M):
+            vals = result.one_vs_all[m, idx].numpy()
+            ax.bar([i + m * width for i in range(k)], vals, width=width, label=f"metric {m}" if M > 1 else None)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(k)], result.order, rotation=45, ha="right")
+        ax.set_ylabel("one-versus-all violation ratio (lower is better)")
+        if M > 1:
+            ax.legend(fontsize="small")
+    return ax

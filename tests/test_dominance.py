@@ -314,3 +314,19 @@ def test_low_precision(dtype):
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_plots():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    g = torch.Generator().manual_seed(18)
+    x, y = torch.randn(50, generator=g) + 1, torch.randn(50, generator=g)
+    ax = dom.plot_dominance(dom.dominance_test(x, y, n_bootstrap=50, generator=g))
+    assert len(ax.lines) == 3 and len(ax.patches) > 0
+    models = {f"m{i}": torch.randn(40, 2, generator=g) + i for i in range(3)}
+    ax = dom.plot_dominance(dom.rank_models(models, n_bootstrap=20, generator=g))
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["m2", "m1", "m0"] and len(ax.patches) == 6
+    with pytest.raises(TypeError, match="DominanceResult"):
+        dom.plot_dominance(0.3)
