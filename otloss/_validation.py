@@ -104,6 +104,30 @@ def check_values_tensor(x: object, name: str, *, min_dim: int = 1) -> Tensor:
     return x
 
 
+def plain_values(tensors: tuple[object, ...]) -> bool:
+    """Whether every entry would pass :func:`check_values_tensor` and has the dtype and device of the first.
+
+    One pass of cheap attribute reads for the common call; ``False`` sends the caller to the named
+    checks, which raise the error (so messages and their order do not depend on this shortcut).
+    """
+    first = tensors[0]
+    if not isinstance(first, Tensor) or first.dtype not in SUPPORTED_DTYPES:
+        return False
+    dtype, device = first.dtype, first.device
+    for t in tensors:
+        if (
+            not isinstance(t, Tensor)
+            or t.dtype != dtype
+            or t.layout != torch.strided
+            or t.is_nested
+            or t.dim() < 1
+            or t.numel() == 0
+            or t.device != device
+        ):
+            return False
+    return True
+
+
 def check_same_dtype_device(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
     if a.device != b.device:
         raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")

@@ -7,6 +7,7 @@ inputs) and returns a result in the dtype of its first input.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -22,6 +23,7 @@ from otloss._validation import (
     check_same_dtype_device,
     check_values_tensor,
     compute_dtype,
+    plain_values,
     resolve_validate,
     type_name,
     vmap_active,
@@ -91,6 +93,10 @@ def _reduce(rows: Tensor, reduction: str) -> Tensor:
     return rows
 
 
+_REDUCTIONS = frozenset(("none", "mean", "sum"))
+_BACKENDS = frozenset(("auto", "torch", "triton"))
+
+
 def _check_reduction(reduction: object) -> None:
     if not isinstance(reduction, str) or reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
@@ -114,6 +120,18 @@ def _check_options(
 
     Returns ``(sorter, validate, global_batch)``: ``sorter`` is ``None`` for hard sort.
     """
+    if (
+        sort.__class__ is str
+        and sort == "hard"
+        and reduction.__class__ is str
+        and reduction in _REDUCTIONS
+        and backend.__class__ is str
+        and backend in _BACKENDS
+        and global_batch is False
+        and group is None
+        and memory is None
+    ):  # the common call, decided without the checks below (which would all pass)
+        return None, resolve_validate(validate_args), False  # type: ignore[arg-type]
     sorter = _resolve_sort(sort)
     _check_reduction(reduction)
     _check_backend(backend)
@@ -176,8 +194,8 @@ def _ot_rows(
         raise ValueError("u2 and v2 need equal sizes, uniform weights and hard sort")  # internal misuse
     if check_values is not None:
         check_values()
-    if sorter is not None:  # soft sort: uniform weights
-        us, vs = sorter(u), sorter(v)
+    if sorter is not None:  # soft sort: uniform weights; the values were checked above (or checks are off)
+        us, vs = sorter(u, validate_args=False), sorter(v, validate_args=False)
         if uniform:
             return cost(us - vs).mean(dim=-1)
         a, b = torch.ones_like(u), torch.ones_like(v)
@@ -274,10 +292,60 @@ def ot_h_1d(
         sort, reduction, backend, validate_args, global_batch, group, memory
     )
     cost = get_cost(cost)
+    if (
+        sorter is None
+        and u_weights is None
+        and v_weights is None
+        and not global_batch
+        and memory is None
+        and plain_values((u, v))
+        and u.shape[:-1] == v.shape[:-1]
+    ):  # every metadata check of check_pair passes: try the loss node directly
+        out = _node(u, v, cost, validate, reduction, backend, ((u, "u"), (v, "v")))
+        if out is not None:
+            return out
     return _ot_h_1d(u, v, cost, u_weights, v_weights, sorter, validate, reduction, global_batch, group, memory, backend)
 
 
 _NO_MEMORY = contextlib.nullcontext()
+_NODE_DTYPES = (torch.float32, torch.float64)  # the compute dtypes: no cast on the way in or out
+
+
+def _node(
+    u: Tensor,
+    v: Tensor,
+    cost: Cost,
+    validate: bool,
+    reduction: str,
+    backend: str,
+    named: tuple[tuple[Tensor, str], ...],
+    u2: Tensor | None = None,
+    v2: Tensor | None = None,
+) -> Tensor | None:
+    """The common call straight to the loss node, or ``None`` when :func:`_ot_h_1d` must decide.
+
+    Inputs metadata-checked, on the local batch, uniform weights and hard sort (``u2``/``v2``: paired
+    AOT's margins). Taken exactly when :func:`_ot_h_1d` would end in :class:`SortedOT` without a cast
+    (the reference backend, a float32/float64 input, equal sizes, a differentiable cost with ``dh``,
+    a gradient to compute, no ``torch.func`` transform, no compilation, real values); the value check
+    and the result are then the same, without the layers in between.
+    """
+    if (
+        (backend == "torch" or (backend == "auto" and not u.is_cuda))
+        and u.dtype in _NODE_DTYPES
+        and u.shape[-1] == v.shape[-1]
+        and cost.dh is not None
+        and cost.differentiable
+        and torch.is_grad_enabled()
+        and _any_requires_grad(u, v, u2, v2)
+        and not functorch_active()
+        and not torch.compiler.is_compiling()
+        and u.device.type != "meta"
+    ):
+        check = _finite_check(*named) if validate else None
+        rows = SortedOT.apply(u, v, cost, check) if u2 is None else SortedOT.apply(u, v, cost, check, u2, v2)
+        return _reduce(rows, reduction)
+    return None
 
 
 def _ot_h_1d(
@@ -433,8 +501,43 @@ def fsd_violation(
 _AOT_COSTS = ("logistic", "hinge", "squared_hinge", "least_squares")
 
 
+#: built-in costs of aot_loss by (name, beta, label_smoothing) key; only built and validated ones go in
+_AOT_COST_CACHE: dict[tuple, Cost] = {}
+_AOT_COST_CACHE_MAX = 64
+
+
+def _number_key(x: object) -> tuple:
+    """A cache key for a number argument: its type and value, and the sign of a zero (``-0.0`` is not ``0.0``)."""
+    return (x.__class__, x, x == 0 and math.copysign(1.0, x))  # type: ignore[arg-type]
+
+
 def _aot_cost(cost: CostArg, beta: float | None, label_smoothing: float) -> Cost:
-    """The cost of :func:`aot_loss`: a name with ``beta`` (``None``: :data:`AOT_DEFAULT_BETA`), or a ready cost."""
+    """The cost of :func:`aot_loss`: a name with ``beta`` (``None``: :data:`AOT_DEFAULT_BETA`), or a ready cost.
+
+    A cost given by name is built once per ``(name, beta, label_smoothing)`` and reused (eagerly; under
+    ``torch.compile`` it is built while tracing): arguments that fail validation are never cached, so
+    they raise on every call.
+    """
+    if (
+        cost.__class__ is str
+        and beta.__class__ in _KEY_TYPES
+        and label_smoothing.__class__ in _KEY_TYPES
+        and not torch.compiler.is_compiling()  # a traced dict lookup would guard on the cache's contents
+    ):
+        key = (cost, _number_key(beta), _number_key(label_smoothing))
+        hit = _AOT_COST_CACHE.get(key)
+        if hit is None:
+            hit = _build_aot_cost(cost, beta, label_smoothing)
+            if len(_AOT_COST_CACHE) < _AOT_COST_CACHE_MAX:
+                _AOT_COST_CACHE[key] = hit
+        return hit
+    return _build_aot_cost(cost, beta, label_smoothing)
+
+
+_KEY_TYPES = (type(None), float, int)
+
+
+def _build_aot_cost(cost: CostArg, beta: float | None, label_smoothing: float) -> Cost:
     if beta is not None:
         _real(beta, "beta")
     label_smoothing = _real(label_smoothing, "label_smoothing")
@@ -522,13 +625,15 @@ def aot_loss(
     )
     names = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
     tensors = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    for t, name in zip(tensors, names):
-        if global_batch or memory is not None:
-            check_local_values(t, name)
-        else:
-            check_values_tensor(t, name)
-    for t, name in zip(tensors[1:], names[1:]):
-        check_same_dtype_device(tensors[0], t, names[0], name)
+    local = not global_batch and memory is None
+    if not (local and plain_values(tensors)):  # the named checks, which raise (skipped when all would pass)
+        for t, name in zip(tensors, names):
+            if local:
+                check_values_tensor(t, name)
+            else:
+                check_local_values(t, name)
+        for t, name in zip(tensors[1:], names[1:]):
+            check_same_dtype_device(tensors[0], t, names[0], name)
     pc, pr, rc, rr = tensors
     if paired:
         for t, name in zip(tensors[1:], names[1:]):
@@ -554,11 +659,14 @@ def aot_loss(
                 f"got {tuple(pc.shape)} and {tuple(pr.shape)}"
             )
     h = _aot_cost(cost, beta, label_smoothing)
-    if not global_batch and memory is None:
+    if local:
         # the local batch: the value check names the four inputs (finite inputs whose margins overflow are
         # computed in IEEE arithmetic); paired hard sort subtracts the margins inside the loss node or kernel
         named = tuple(zip(tensors, names))
         if paired and sorter is None:
+            out = _node(pc, rc, h, validate, reduction, backend, named, pr, rr)
+            if out is not None:
+                return out
             return _ot_h_1d(pc, rc, h, None, None, None, validate, reduction, False, None, None, backend,
                             u2=pr, v2=rr, named=named)  # fmt: skip
         cdt = compute_dtype(pc.dtype)
