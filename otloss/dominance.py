@@ -22,6 +22,7 @@ The choices otloss makes where the paper leaves room are listed in ``docs/domina
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from otloss._validation import check_finite, compute_dtype, resolve_validate
 from otloss.costs import Cost, get_cost
-from otloss.entropic import entropic_ot
+from otloss.entropic import _marginal_error, _sinkhorn_torch, entropic_ot
 from otloss.functional import ot_h_1d
 
 __all__ = [
@@ -358,20 +359,52 @@ def _counts(n: int, R: int, generator: torch.Generator | None, device: torch.dev
 
 
 class _Sampler:
-    """Ratios of one pair on its full samples and on bootstrap resamples (the same cost matrices throughout)."""
+    """Ratios of one pair on its full samples and on bootstrap resamples (the same cost matrices throughout).
+
+    With ``eps > 0`` and a backend other than ``"pot"``, the replicates run otloss's torch Sinkhorn warm-started from
+    the full-sample potentials (POT's solver takes no starting point): the same fixed point, about twice fewer
+    iterations.
+    """
 
     def __init__(self, x: Tensor, y: Tensor, h: Cost, order: int, eps: float, solver: dict) -> None:
         self.x, self.y, self.h, self.order, self.eps, self.solver = x, y, h, order, eps, solver
         self.multivariate = x.dim() == 2
         self.C2 = dominance_cost_matrices(x, y, h) if self.multivariate else None
+        self.warm = self.multivariate and eps > 0 and solver.get("backend", "auto") != "pot"
+        self.f0: Tensor | None = None
+
+    def _warm_ratio(self, a: Tensor, b: Tensor) -> Tensor:
+        C2 = self.C2
+        a2, b2 = (a / a.sum()).expand(2, -1), (b / b.sum()).expand(2, -1)
+        max_iter, tol = self.solver.get("max_iter", 1000), self.solver.get("tol", 1e-6)
+        plan, f = _sinkhorn_torch(C2, a2, b2, self.eps, max_iter, tol, init=self.f0)
+        if self.f0 is None:
+            self.f0 = f
+        err = _marginal_error(plan, a2, b2)
+        if not err < 10 * tol:
+            warnings.warn(
+                f"entropic_ot: Sinkhorn did not converge in max_iter={max_iter} iterations (marginal error "
+                f"{err:.3g} > tol={tol:g}); raise max_iter or epsilon",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        vals = (plan * C2).sum((-2, -1))
+        return _safe_ratio(vals[0], vals[1])
 
     def full(self) -> Tensor:
+        if self.warm:
+            n, m = self.C2.shape[-2:]
+            return self._warm_ratio(self.C2.new_ones(n), self.C2.new_ones(m))
         if self.multivariate:
             return _ratio_from_costs(self.C2, None, None, self.eps, self.solver)
         return _ratio_rows_1d(self.x[None], self.y[None], self.h, self.order)[0]
 
     def resampled(self, wx: Tensor, wy: Tensor) -> Tensor:
         """Ratios ``[R]`` with resampling counts ``wx [R, n]``, ``wy [R, m]`` as weights."""
+        if self.warm:
+            if self.f0 is None:
+                self.full()
+            return torch.stack([self._warm_ratio(wx[r], wy[r]) for r in range(wx.shape[0])])
         if self.multivariate:
             return torch.stack(
                 [_ratio_from_costs(self.C2, wx[r], wy[r], self.eps, self.solver) for r in range(wx.shape[0])]

@@ -115,8 +115,13 @@ def _marginal_error(plan: Tensor, a: Tensor, b: Tensor) -> float:
     return float(torch.maximum(ea, eb).max())
 
 
-def _sinkhorn_torch(C: Tensor, a: Tensor, b: Tensor, eps: float, max_iter: int, tol: float) -> Tensor:
-    """Log-domain Sinkhorn; potentials ``f, g`` in cost units. Returns the plan ``[B, n, m]``."""
+def _sinkhorn_torch(
+    C: Tensor, a: Tensor, b: Tensor, eps: float, max_iter: int, tol: float, init: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Log-domain Sinkhorn; potentials ``f, g`` in cost units. Returns the plan ``[B, n, m]`` and ``f [B, n]``.
+
+    ``init``: starting row potentials ``f`` (for example from a nearby problem); skips the epsilon scaling.
+    """
     log_a, log_b = a.log(), b.log()  # -inf on zero weights
     neg = C / -eps  # [B, n, m]; the closures below read neg and eps as they change
 
@@ -128,9 +133,9 @@ def _sinkhorn_torch(C: Tensor, a: Tensor, b: Tensor, eps: float, max_iter: int, 
 
     # epsilon scaling: warm-start the potentials (kept in cost units) through eps_k = max|C| / 2^k down to eps,
     # a few iterations each; the fixed point is that of eps alone, reached far sooner when max|C| / eps is large
-    f = torch.zeros_like(a)
+    f = torch.zeros_like(a) if init is None else init.clone()
     target = eps
-    eps = max(target, float(C.abs().amax()))
+    eps = target if init is not None else max(target, float(C.abs().amax()))
     while eps > target:
         neg = C / -eps
         for _ in range(_SCALING_ITERS):
@@ -147,7 +152,7 @@ def _sinkhorn_torch(C: Tensor, a: Tensor, b: Tensor, eps: float, max_iter: int, 
             if float(err) < tol:
                 break
         f = f_next
-    return torch.exp(neg + (f / eps + log_a).unsqueeze(-1) + (g / eps + log_b).unsqueeze(-2))
+    return torch.exp(neg + (f / eps + log_a).unsqueeze(-1) + (g / eps + log_b).unsqueeze(-2)), f
 
 
 def _sinkhorn_pot(C: Tensor, a: Tensor, b: Tensor, eps: float, max_iter: int, tol: float) -> Tensor:
@@ -306,8 +311,10 @@ def entropic_ot(
             use_pot = backend == "pot" or (backend == "auto" and _pot_batch() is not None)
             if backend == "pot" and _pot_batch() is None:
                 raise ImportError(f"backend='pot' needs POT >= 0.9.6 (ot.batch): {_POT_HINT}, or backend='torch'")
-            solver = _sinkhorn_pot if use_pot else _sinkhorn_torch
-            plan = solver(Cd, aw, bw, eps, max_iter, tol)
+            if use_pot:
+                plan = _sinkhorn_pot(Cd, aw, bw, eps, max_iter, tol)
+            else:
+                plan, _ = _sinkhorn_torch(Cd, aw, bw, eps, max_iter, tol)
             err = _marginal_error(plan, aw, bw)
             if not err < 10 * tol:
                 warnings.warn(

@@ -330,3 +330,18 @@ def test_plots():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["m2", "m1", "m0"] and len(ax.patches) == 6
     with pytest.raises(TypeError, match="DominanceResult"):
         dom.plot_dominance(0.3)
+
+
+def test_warm_started_replicates_equal_cold_solves():
+    g = torch.Generator().manual_seed(19)
+    x = torch.rand(30, 2, generator=g, dtype=torch.float64) + 0.05
+    y = torch.rand(25, 2, generator=g, dtype=torch.float64)
+    solver = {"max_iter": 50_000, "tol": 1e-12, "backend": "auto"}
+    s = dom._Sampler(x, y, otloss.squared_hinge(0.0), 1, 0.05, solver)
+    assert s.warm
+    torch.testing.assert_close(s.full(), dom.violation_ratio(x, y, epsilon=0.05, tol=1e-12, max_iter=50_000), **F64)
+    wx = dom._counts(30, 3, g, x.device, x.dtype)
+    wy = dom._counts(25, 3, g, x.device, x.dtype)
+    warm = s.resampled(wx, wy)
+    cold = torch.stack([dom._ratio_from_costs(s.C2, wx[r], wy[r], 0.05, solver) for r in range(3)])
+    torch.testing.assert_close(warm, cold, rtol=1e-8, atol=1e-9)
