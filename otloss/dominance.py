@@ -445,7 +445,8 @@ def dominance_test(
         x: ``[n]`` or ``[n, d]`` samples of the first model (larger is better), ``n >= 2``.
         y: ``[m]`` or ``[m, d]`` samples of the second model.
         n_bootstrap: bootstrap replicates (default 1000). Each ``[n, d]`` replicate solves two entropic problems
-            of size ``n x m`` (the cost matrices are built once; resampling becomes integer weights).
+            of size ``n x m`` (the cost matrices are built once; resampling becomes integer weights; unless
+            ``backend="pot"``, otloss's torch solver starts each replicate from the full-sample potentials).
         alpha: level of the tests; the interval ``[ci_low, ci_high]`` has coverage ``1 - alpha``.
         threshold: ``tau`` of the absolute test (default ``0.25``), in ``(0, 1]``.
         cost, beta, epsilon, order, max_iter, tol, backend, validate_args: as in :func:`violation_ratio`.
