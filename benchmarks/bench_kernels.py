@@ -27,7 +27,9 @@ shapes from a clean cache (``dynamic=False``) and run with
 replayed. Times are the median with the 20th and 80th percentiles:
 ``triton.testing.do_bench`` on a GPU; on the CPU, interleaved rounds (every method of a
 case timed once per round, a block of calls each, at least ten rounds), so that a
-change in the machine's load hits every method alike. ``speedup`` is the baseline's
+change in the machine's load hits every method alike; with one torch thread
+(``--threads 1``) each block is timed in the thread's CPU time (``time.thread_time``),
+which other processes on a shared machine do not inflate. ``speedup`` is the baseline's
 median over the method's, in the same run.
 
 Two references for the absolute numbers:
@@ -162,22 +164,25 @@ class Timer:
         """Each function's ``(p50, p20, p80)``; on the CPU in interleaved rounds."""
         if self.device == "cuda":
             return {name: self(fn) for name, fn in fns.items()}
+        # one torch thread: the thread's CPU time, which time taken by other processes on a shared
+        # machine does not inflate; several threads: wall time (their work is not this thread's)
+        clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
         per_call = {}
         for name, fn in fns.items():
             fn()  # warm-up (and first-call work such as compilation)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            per_call[name] = max(time.perf_counter() - t0, 1e-7)
+            per_call[name] = max(clock() - t0, 1e-7)
         rounds = MIN_SAMPLES if max(per_call.values()) < 0.5 else MIN_SAMPLES // 2  # seconds-long calls: 5 rounds
         # a block of calls per method and round, so that all the rounds fill about min_run_time per method
         number = {k: max(1, int(self.min_run_time / rounds / t)) for k, t in per_call.items()}
         samples: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(rounds):
             for name, fn in fns.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 for _ in range(number[name]):
                     fn()
-                samples[name].append((time.perf_counter() - t0) / number[name] * 1e3)
+                samples[name].append((clock() - t0) / number[name] * 1e3)
         return {
             k: (float(np.median(v)), float(np.percentile(v, 20)), float(np.percentile(v, 80)))
             for k, v in samples.items()
