@@ -11,6 +11,7 @@ import pickle
 import platform
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -385,6 +386,7 @@ def align(cfg: DemoConfig, method: str, ref: TinyGPT, data: dict, device, log: _
     spec = METHODS[method]
     loss_fn = spec.loss
     curve = []
+    solver_warnings: list[str] = []
     bar = log.bar(range(cfg.align_steps), desc=f"align {label(method)}")
     for _ in bar:
         if spec.paired:
@@ -403,7 +405,10 @@ def align(cfg: DemoConfig, method: str, ref: TinyGPT, data: dict, device, log: _
             lp = sequence_logps(logits, labels)
             emb = policy.get_input_embeddings().weight.detach()
             tokens = TokenBatch(logits[:bs], labels[:bs], logits[bs:], labels[bs:], emb)
-            loss = loss_fn(lp[:bs], lp[bs:], rlp[:bs], rlp[bs:], cfg.beta, tokens, cfg.plot_alpha)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                loss = loss_fn(lp[:bs], lp[bs:], rlp[:bs], rlp[bs:], cfg.beta, tokens, cfg.plot_alpha)
+            _collect_solver_warnings(caught, solver_warnings)
         else:
             lp = completion_logps(policy, prompts[idx].to(device), comps[idx].to(device))
             loss = loss_fn(lp[:bs], lp[bs:], rlp[:bs], rlp[bs:], cfg.beta)
@@ -413,8 +418,22 @@ def align(cfg: DemoConfig, method: str, ref: TinyGPT, data: dict, device, log: _
         opt.step()
         curve.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
+    if solver_warnings:
+        log(
+            f"align {label(method)}: the entropic OT solver warned {len(solver_warnings)} times in "
+            f"{cfg.align_steps} steps; last: {solver_warnings[-1]}"
+        )
     policy.eval()
     return policy, curve
+
+
+def _collect_solver_warnings(caught: list, solver_warnings: list[str]) -> None:
+    """Keep ``otloss.entropic_ot``'s warnings (non-convergence) for one summary line; re-issue any other."""
+    for w in caught:
+        if issubclass(w.category, RuntimeWarning) and str(w.message).startswith("entropic_ot"):
+            solver_warnings.append(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 @torch.no_grad()

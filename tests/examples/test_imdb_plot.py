@@ -154,3 +154,18 @@ def test_align_step_uses_the_plot_term():
     torch.testing.assert_close(policies[("plot_dpo", 0.0)], policies[("dpo", 1.0)], rtol=1e-4, atol=1e-6)
     moved = (policies[("plot_dpo", 1.0)] - policies[("dpo", 1.0)]).norm()
     assert moved > 0.1 * (policies[("dpo", 1.0)] - start).norm()
+
+
+def test_solver_warnings_are_summarised_and_others_pass_through():
+    import warnings
+
+    from examples.imdb.pipeline import _collect_solver_warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("entropic_ot: Sinkhorn did not converge (marginal error 2e-05)", RuntimeWarning, stacklevel=1)
+        warnings.warn("something else", UserWarning, stacklevel=1)
+    kept: list[str] = []
+    with pytest.warns(UserWarning, match="something else"):
+        _collect_solver_warnings(caught, kept)
+    assert kept == ["entropic_ot: Sinkhorn did not converge (marginal error 2e-05)"]
