@@ -113,13 +113,16 @@ def check_sum(z: Tensor, check_values: Callable[[], None] | None) -> None:
 class SortedOT(torch.autograd.Function):
     """Per-row ``mean_i h(a_(i) - b_(i))`` for ``a = u - u2``, ``b = v - v2`` (``None``: ``a = u``).
 
-    ``SortedOT.apply(u, v, cost, check_values[, u2, v2])``: inputs ``[..., n]`` in the compute
-    dtype, ``cost.dh`` given. ``check_values`` (or ``None``) is run when the sorted differences
-    hold a NaN or Inf.
+    ``SortedOT.apply(u, v, cost, check_values[, u2, v2[, reduction]])``: inputs ``[..., n]`` in the
+    compute dtype, ``cost.dh`` given. ``check_values`` (or ``None``) is run when the sorted differences
+    hold a NaN or Inf. ``reduction`` (``"none"``, ``"mean"`` or ``"sum"``) reduces the rows inside the
+    node (one autograd node fewer for a batch of rows; the same values and gradients as reducing after).
     """
 
     @staticmethod
-    def forward(ctx, u, v, cost: Cost, check_values: Callable[[], None] | None, u2=None, v2=None) -> Tensor:
+    def forward(
+        ctx, u, v, cost: Cost, check_values: Callable[[], None] | None, u2=None, v2=None, reduction: str = "none"
+    ) -> Tensor:
         a = u if u2 is None else u - u2
         b = v if v2 is None else v - v2
         us, pu = sort_with_index(a)
@@ -141,6 +144,10 @@ class SortedOT(torch.autograd.Function):
         ctx.perms = (pu, pv)
         ctx.save_for_backward(u, v, u2, v2)
         ctx.cost = cost
+        ctx.reduce = None
+        if reduction != "none" and rows.dim() > 0:
+            ctx.reduce = (reduction, rows.shape)
+            rows = rows.mean() if reduction == "mean" else rows.sum()
         return rows
 
     @staticmethod
@@ -149,15 +156,21 @@ class SortedOT(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: rebuild the differentiable graph
             u, v, u2, v2 = ctx.saved_tensors
             pu, pv = ctx.perms
-            inputs = (u, v, None, None, u2, v2)[: len(need)]
+            inputs = (u, v, None, None, u2, v2, None)[: len(need)]
             a = u if u2 is None else u - u2
             b = v if v2 is None else v - v2
             rows = ctx.cost.h(a.gather(-1, pu) - b.gather(-1, pv)).mean(dim=-1)
+            if ctx.reduce is not None:
+                rows = rows.mean() if ctx.reduce[0] == "mean" else rows.sum()
             wrt = [t for t, nd in zip(inputs, need) if nd]
             grads = iter(torch.autograd.grad(rows, wrt, grad_rows, create_graph=True))
             return tuple(next(grads) if nd else None for nd in need)
         gu, gv = ctx.grads
-        g = grad_rows if grad_rows.dim() == 0 else grad_rows.unsqueeze(-1)
+        if ctx.reduce is not None:  # each row's gradient: grad (sum) or grad / rows (mean), as autograd gives
+            reduction, shape = ctx.reduce
+            g = grad_rows / shape.numel() if reduction == "mean" else grad_rows
+        else:
+            g = grad_rows if grad_rows.dim() == 0 else grad_rows.unsqueeze(-1)
         ga = gu * g if gu is not None else None
         gb = gv * g if gv is not None else None
         out = (
@@ -167,5 +180,6 @@ class SortedOT(torch.autograd.Function):
             None,
             ga.neg() if len(need) > 4 and need[4] else None,
             gb.neg() if len(need) > 5 and need[5] else None,
+            None,
         )
         return out[: len(need)]

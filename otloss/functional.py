@@ -343,8 +343,7 @@ def _node(
         and u.device.type != "meta"
     ):
         check = _finite_check(*named) if validate else None
-        rows = SortedOT.apply(u, v, cost, check) if u2 is None else SortedOT.apply(u, v, cost, check, u2, v2)
-        return _reduce(rows, reduction)
+        return SortedOT.apply(u, v, cost, check, u2, v2, reduction)  # reduced inside: one node
     return None
 
 

@@ -262,3 +262,37 @@ def test_soft_sort_check_names_ot_h_1d_inputs():
     v = torch.tensor([0.0, float("inf"), 2.0])
     with pytest.raises(ValueError, match=r"^v contains non-finite values \(0 NaN, 1 Inf\)"):
         otloss.ot_h_1d(u, v, "hinge", sort="soft")
+
+
+# --- the reduction inside the node -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("shape", [(1, 5), (3, 33), (2, 3, 4)])
+@pytest.mark.parametrize("cost", [otloss.abs_pow(2.0), otloss.logistic(0.5)])
+def test_reduction_inside_the_node_equals_reducing_after(reduction, shape, cost):
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(shape, generator=g).requires_grad_(True)
+    v = torch.randn(shape, generator=g).requires_grad_(True)
+    out = otloss.ot_h_1d(u, v, cost, reduction=reduction)
+    rows = otloss.ot_h_1d(u, v, cost, reduction="none")
+    after = rows.mean() if reduction == "mean" else rows.sum()
+    assert out.shape == () and torch.equal(out, after)
+    w = torch.tensor(1.7)
+    for a, b in zip(torch.autograd.grad(out, (u, v), w), torch.autograd.grad(after, (u, v), w)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduction_inside_the_node_gradgradcheck(reduction):
+    g = torch.Generator().manual_seed(2)
+    u = torch.randn(3, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    v = torch.randn(3, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    pr = torch.randn(3, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    rr = torch.randn(3, 6, generator=g, dtype=torch.float64)
+
+    def f(a, b, c):
+        return otloss.aot_loss(a, c, b, rr, beta=0.7, reduction=reduction)
+
+    assert torch.autograd.gradcheck(f, (u, v, pr))
+    assert torch.autograd.gradgradcheck(f, (u, v, pr))
