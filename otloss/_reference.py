@@ -137,9 +137,10 @@ class SortedOT(torch.autograd.Function):
         need_b = need[1] or (len(need) > 5 and need[5])
         # the gradients and permutations are intermediates, kept on ctx (unpacking saved tensors costs
         # per tensor on every backward); the inputs are saved (version-checked) for double backward only
+        # (each permutation overwrites every entry, so ``d`` itself serves as the out-of-place base)
         ctx.grads = (
-            torch.empty_like(a).scatter_(-1, pu, d) if need_a else None,
-            torch.empty_like(b).scatter_(-1, pv, d.neg()) if need_b else None,
+            torch.scatter(d, -1, pu, d) if need_a else None,
+            torch.scatter(d, -1, pv, d).neg_() if need_b else None,
         )
         ctx.perms = (pu, pv)
         ctx.save_for_backward(u, v, u2, v2)
