@@ -31,15 +31,16 @@ import argparse
 import csv
 import datetime as dt
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from provenance import commit as _commit
+from provenance import device_name as _device_name
+from provenance import version as _version
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,36 +52,6 @@ FIELDS = [
     "time", "commit", "device", "torch", "pot", "dtype", "backend", "n", "d", "epsilon", "n_bootstrap", "phase",
     "ms_p50", "ms_p20", "ms_p80", "repeats", "extrapolated", "value", "load_avg",
 ]  # fmt: skip
-
-
-def _version(module: str) -> str:
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return ""
-
-
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True)
-    except OSError:
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
-
-
-def _device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
 
 
 def _sync(device: str) -> None:

@@ -57,8 +57,6 @@ import argparse
 import csv
 import datetime as dt
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -67,6 +65,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from provenance import commit as _commit
+from provenance import device_name as _device_name
+from provenance import version as _version
 
 import otloss
 from otloss.ops import triton_available
@@ -119,38 +120,6 @@ def pot_w2(u, v):
     import ot
 
     return ot.wasserstein_1d(u.T, v.T, p=2).mean()  # POT sorts along the first axis
-
-
-def _version(module: str) -> str:
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return ""
-
-
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True)
-    except OSError:
-        return "unknown"
-    if head.returncode != 0:
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def _device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
 
 
 class Timer:

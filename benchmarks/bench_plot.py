@@ -52,7 +52,6 @@ import argparse
 import copy
 import csv
 import datetime as dt
-import platform
 import random
 import subprocess
 import sys
@@ -63,6 +62,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from provenance import commit as _commit
+from provenance import device_name as _device_name
+from provenance import version as _version
 
 import otloss
 
@@ -75,40 +77,6 @@ COLUMNS = [
     "vocab", "pairs", "seq_len", "prompt", "rounds", "ms_p50", "ms_p20", "ms_p80", "overhead_pct", "extra_ms_p50",
     "cpu_ms_p50", "cpu_ms_p20", "cpu_ms_p80", "cpu_overhead_pct",
 ]  # fmt: skip
-
-
-def _version(module: str) -> str:
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return ""
-
-
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "otloss", "benchmarks/bench_plot.py"],
-            cwd=ROOT,
-            capture_output=True,
-        )
-    except OSError:
-        return "unknown"
-    if head.returncode != 0:
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def _device_name() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu}"
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -259,8 +227,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     meta = {
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
-        "device": _device_name(),
+        "commit": _commit("otloss", "benchmarks/bench_plot.py"),
+        "device": _device_name(threads=False),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": _version("transformers"),
@@ -386,8 +354,8 @@ def memory(args: argparse.Namespace) -> list[dict]:
     """
     B, T, V, D = 1, args.memory_seq_len, args.memory_vocab, 64
     logits_mib = B * T * V * 4 / 2**20
-    meta = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": _commit(),
-            "device": _device_name(), "torch": torch.__version__}  # fmt: skip
+    meta = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": _commit("otloss", "benchmarks/bench_plot.py"),
+            "device": _device_name(threads=False), "torch": torch.__version__}  # fmt: skip
     rows = []
     for method in ("otloss_position", "otloss_sequence", "plain_position"):
         out = subprocess.run(

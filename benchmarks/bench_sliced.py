@@ -41,8 +41,6 @@ import argparse
 import csv
 import datetime as dt
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +48,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import commit as _commit
+from provenance import device_name as _device_name
+from provenance import version as _version
 
 import otloss
 from otloss.sliced import random_projections, sliced_ot
@@ -80,38 +81,6 @@ COLUMNS = [
     "time", "commit", "device", "torch", "pot", "dtype", "batch", "n", "m", "d", "L", "weighted", "method", "pass",
     "ms_p50", "ms_p20", "ms_p80", "speedup", "rounds", "rel_diff", "load_avg",
 ]  # fmt: skip
-
-
-def _version(module: str) -> str:
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return ""
-
-
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True)
-    except OSError:
-        return "unknown"
-    if head.returncode != 0:
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def _device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
 
 
 def _inputs(batch, n, m, d, L, weighted, dtype, device):

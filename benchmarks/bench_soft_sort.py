@@ -30,14 +30,14 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import importlib.metadata
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import commit as _commit
+from provenance import cpu_name as _cpu_name
+from provenance import version as _version
 
 import otloss
 
@@ -71,37 +71,6 @@ FIELDS = (
     "cpu_p80_us",
     "cpu_speedup",
 )
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "otloss/sorting.py", "otloss/_reference.py"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        )
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def _samples_for(numel: int, requested: int | None) -> int:
@@ -190,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     run = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     prov = {
         "run": run,
-        "commit": _commit(),
+        "commit": _commit("otloss/sorting.py", "otloss/_reference.py"),
         "device": _cpu_name(),
         "threads": args.threads,
         "torch": torch.__version__,
