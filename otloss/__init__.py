@@ -1,4 +1,4 @@
-"""otloss: differentiable one-dimensional optimal-transport losses for PyTorch, and AOT.
+"""otloss: differentiable optimal-transport losses for PyTorch (exact 1-D, entropic, sliced), dominance tests, AOT and PLOT.
 
 ``import otloss`` needs only torch and numpy.
 """
