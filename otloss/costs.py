@@ -191,10 +191,28 @@ class Cost:
 
 
 class _Builtin(Cost):
-    """A built-in family: equal (and hashing alike) when the family and parameters are."""
+    """A built-in family: equal (and hashing alike) when the family and parameters are.
+
+    Immutable once built: every code path (the reference ``h``/``dh``, the fused logistic path, the kernels,
+    ``repr``, equality and hashing) reads the same parameters, so none can see a changed copy.
+    """
 
     def __init__(self, **params: float) -> None:  # no functions to wrap: h and dh are methods
-        self.params = params
+        object.__setattr__(self, "_params", tuple(params.items()))
+
+    @property
+    def params(self) -> dict[str, float]:
+        return dict(self._params)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if "_params" in self.__dict__:
+            raise AttributeError(
+                f"{self!r} is immutable: build a new cost, e.g. otloss.{self.name}(...), instead of setting {name!r}"
+            )
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{self!r} is immutable")
 
     def value_and_grad(self, z: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
         if z.requires_grad and torch.is_grad_enabled():
@@ -207,7 +225,7 @@ class _Builtin(Cost):
         return type(self) is type(other) and self.params == other.params
 
     def __hash__(self) -> int:
-        return hash((type(self).__name__, tuple(sorted(self.params.items()))))
+        return hash((type(self).__name__, tuple(sorted(self._params))))
 
 
 def _real(x: object, name: str) -> float:

@@ -52,6 +52,14 @@ class Coupling(_Plan):
         self.m = None if m is None else _size(m, "m")
         return self
 
+    # Built without __new__ (by the named tuple's _make): the sizes are unknown, as for a plan built by hand.
+    n: int | None = None
+    m: int | None = None
+
+    def _replace(self, **fields: Tensor) -> Coupling:
+        """A copy with some of ``u_index``, ``v_index``, ``mass`` replaced; the sizes are kept."""
+        return type(self)(**{**self._asdict(), **fields}, n=self.n, m=self.m)
+
     def to_dense(self, n: int | None = None, m: int | None = None) -> Tensor:
         """The plan as a dense ``[..., n, m]`` matrix (the layout of POT's ``ot.emd``).
 

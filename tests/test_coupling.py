@@ -94,3 +94,14 @@ def test_plan_cost_is_differentiable_in_values_and_mass_in_weights():
     gu, gv, ga = torch.autograd.grad(val, (u, v, a))
     ru, rv, ra = torch.autograd.grad(otloss.ot_h_1d(u, v, cost, u_weights=a), (u, v, a))
     torch.testing.assert_close((gu, gv, ga), (ru, rv, ra))
+
+
+def test_named_tuple_helpers_keep_or_forget_the_sizes_explicitly():
+    c = otloss.quantile_coupling(torch.randn(4, dtype=torch.float64), torch.randn(3, dtype=torch.float64))
+    r = c._replace(mass=c.mass * 1)
+    assert (r.n, r.m) == (4, 3)
+    torch.testing.assert_close(r.to_dense(), c.to_dense())
+    made = type(c)._make(c)  # no sizes: like a plan built by hand
+    with pytest.raises(ValueError, match="n is needed"):
+        made.to_dense()
+    torch.testing.assert_close(made.to_dense(4, 3), c.to_dense())

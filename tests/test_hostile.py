@@ -479,3 +479,31 @@ def test_memory_stores_a_copy_not_a_view_of_the_callers_buffer():
         otloss.ot_h_1d(buf_u, buf_v, "abs_pow", memory=memory).item()
         == otloss.ot_h_1d(buf_u, buf_v, "abs_pow", memory=fresh).item()
     )
+
+
+@pytest.mark.parametrize(
+    ("make", "attr"),
+    [
+        (lambda: otloss.logistic(1.0), "beta"),
+        (lambda: otloss.logistic(1.0, label_smoothing=0.1), "ls"),
+        (lambda: otloss.hinge(0.0), "beta"),
+        (lambda: otloss.squared_hinge(0.5), "beta"),
+        (lambda: otloss.least_squares(0.0), "beta"),
+        (lambda: otloss.abs_pow(2.0), "p"),
+    ],
+)
+def test_builtin_costs_are_immutable_so_no_path_sees_a_stale_parameter(make, attr):
+    # Every path (fused logistic, kernels, h/dh, repr, ==, hash) reads one set of parameters: a changed
+    # attribute would be seen by some paths and not by others, a silent disagreement.
+    cost = make()
+    before = (repr(cost), hash(cost), cost.params)
+    with pytest.raises(AttributeError, match="immutable"):
+        setattr(cost, attr, 5.0)
+    with pytest.raises(AttributeError, match="immutable"):
+        cost.params_override = 1
+    cost.params["beta"] = 123.0  # a copy: the cost keeps its own parameters
+    assert (repr(cost), hash(cost), cost.params) == before
+    u, v = torch.randn(6, requires_grad=True), torch.randn(6)
+    with torch.no_grad():
+        expected = otloss.ot_h_1d(u, v, cost)
+    torch.testing.assert_close(otloss.ot_h_1d(u, v, cost).detach(), expected)
