@@ -18,10 +18,11 @@ Two pieces, both used by :func:`otloss.ot_h_1d` on every device:
   graph. The gradient is the one autograd gives with the permutation held fixed;
   double backward (``create_graph=True``) recomputes that graph from the saved
   inputs and permutations, so the inputs must not be modified in place before
-  the backward pass. Under ``torch.func`` transforms and ``torch.compile``,
-  :func:`otloss.ot_h_1d` builds the plain graph instead (an autograd node without
-  ``setup_context`` is not transformable, the NumPy sort cannot see functorch's
-  wrapped tensors, and the compiler fuses the plain graph itself).
+  the backward pass. Under ``torch.func`` transforms :func:`otloss.ot_h_1d`
+  builds the plain graph instead (an autograd node without ``setup_context`` is
+  not transformable, and the NumPy sort cannot see functorch's wrapped tensors).
+  Under ``torch.compile`` the node is traced as it is, with ``torch.sort`` in
+  place of the NumPy sort.
 
 NaN sorts after ``+inf`` (every NaN, in index order), as ``torch.sort`` and the
 kernels order it, so a row holding NaN gives NaN on every path.
