@@ -28,7 +28,6 @@ Data: metrics on ``[0, 1]`` (uniform), the first sample ``0.1 + 0.9 U`` (it domi
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import os
 import statistics
@@ -38,6 +37,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from provenance import append_csv
 from provenance import commit as _commit
 from provenance import device_name as _device_name
 from provenance import version as _version
@@ -131,13 +131,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_csv(rows, path, FIELDS, short_floats=False)
 
 
 def main(argv: list[str] | None = None) -> int:

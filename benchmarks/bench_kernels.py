@@ -54,7 +54,6 @@ by case (a run stopped early keeps the cases it finished)::
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import os
 import sys
@@ -65,6 +64,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from provenance import append_csv
 from provenance import commit as _commit
 from provenance import device_name as _device_name
 from provenance import version as _version
@@ -310,14 +310,7 @@ def run(args: argparse.Namespace, out: Path | None = None) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        for row in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    append_csv(rows, path, COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> int:

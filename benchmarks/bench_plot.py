@@ -62,6 +62,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from provenance import append_csv
 from provenance import commit as _commit
 from provenance import device_name as _device_name
 from provenance import version as _version
@@ -275,14 +276,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        for row in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    append_csv(rows, path, COLUMNS)
 
 
 def summarize(path: Path) -> str:
@@ -392,16 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.memory:
         rows = memory(args)
-        MEMORY_OUT.parent.mkdir(parents=True, exist_ok=True)
-        new = not MEMORY_OUT.exists()
-        with open(MEMORY_OUT, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=MEMORY_COLUMNS)
-            if new:
-                w.writeheader()
-            for row in rows:
-                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-                print(f"{row['method']}: peak growth {row['peak_growth_mib']:.0f} MiB for {row['logits_mib']:.0f} MiB "
-                      f"of logits (extra beyond their gradient {row['extra_mib']:.0f} MiB), {row['seconds']:.1f} s")  # fmt: skip
+        append_csv(rows, MEMORY_OUT, MEMORY_COLUMNS)
+        for row in rows:
+            print(f"{row['method']}: peak growth {row['peak_growth_mib']:.0f} MiB for {row['logits_mib']:.0f} MiB "
+                  f"of logits (extra beyond their gradient {row['extra_mib']:.0f} MiB), {row['seconds']:.1f} s")  # fmt: skip
         return 0
     if args.summarize:
         print(summarize(args.out))

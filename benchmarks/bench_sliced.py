@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import append_csv
 from provenance import commit as _commit
 from provenance import device_name as _device_name
 from provenance import version as _version
@@ -226,14 +227,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        for row in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    append_csv(rows, path, COLUMNS)
 
 
 def _ms(v: str) -> str:

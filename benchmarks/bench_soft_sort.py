@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import append_csv
 from provenance import commit as _commit
 from provenance import cpu_name as _cpu_name
 from provenance import version as _version
@@ -205,13 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"otloss speedup {med['torchsort'] / med['otloss']:.2f}x (cpu time {cpu['torchsort'] / cpu['otloss']:.2f}x)",
                 flush=True,
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    new = not args.out.exists()
-    with args.out.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows_out)
+    append_csv(rows_out, args.out, FIELDS, short_floats=False)
     print(f"appended {len(rows_out)} rows to {args.out}")
 
 

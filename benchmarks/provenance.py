@@ -1,7 +1,11 @@
-"""Provenance of a benchmark row: the commit, the device and the versions. Shared by every benchmark script."""
+"""Provenance of a benchmark row (the commit, the device, the versions) and the CSV it is appended to.
+
+Shared by every benchmark script.
+"""
 
 from __future__ import annotations
 
+import csv
 import importlib.metadata
 import platform
 import subprocess
@@ -9,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["commit", "cpu_name", "device_name", "version"]
+__all__ = ["append_csv", "commit", "cpu_name", "device_name", "version"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,3 +63,17 @@ def device_name(device: str = "cpu", *, threads: bool = True) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
     return f"CPU {cpu_name()} ({torch.get_num_threads()} threads)" if threads else f"CPU {cpu_name()}"
+
+
+def append_csv(
+    rows: list[dict], path: Path, columns: list[str] | tuple[str, ...], *, short_floats: bool = True
+) -> None:
+    """Append ``rows`` to the CSV at ``path`` (header first when the file is new); floats as ``%.6g`` by default."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        if new:
+            w.writeheader()
+        for row in rows:
+            w.writerow({k: (f"{v:.6g}" if short_floats and isinstance(v, float) else v) for k, v in row.items()})
