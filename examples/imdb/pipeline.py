@@ -585,13 +585,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     t = time.perf_counter()
     from .plots import plot_quantiles
 
+    groups = {
+        "paired": [label(m) for m in cfg.methods if METHODS[m].paired],
+        "unpaired": [label(m) for m in cfg.methods if not METHODS[m].paired],
+    }
     fig_a = plot_quantiles(
         {label(k): v["rewards"] for k, v in evals.items()},
         out / "fig1a_reward_quantiles.png",
         title="Held-out reward of policy samples (Figure 1a analogue)",
         ylabel="reward (scorer logit)",
-        paired=[label(m) for m in cfg.methods if METHODS[m].paired],
-        unpaired=[label(m) for m in cfg.methods if not METHODS[m].paired],
+        **groups,
         levels=QUANTILE_LEVELS,
         colors=colors(),
     )
@@ -600,8 +603,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         out / "fig1b_margin_quantiles.png",
         title="Held-out chosen-minus-rejected log-likelihood margin (Figure 1b analogue)",
         ylabel="log p(chosen) - log p(rejected)",
-        paired=[label(m) for m in cfg.methods if METHODS[m].paired],
-        unpaired=[label(m) for m in cfg.methods if not METHODS[m].paired],
+        **groups,
         levels=QUANTILE_LEVELS,
         colors=colors(),
     )
