@@ -10,6 +10,9 @@ a module holding a process ``group`` does not pickle (process groups do not).
 
 from __future__ import annotations
 
+from typing import Literal
+
+import torch
 from torch import Tensor, nn
 
 from otloss._validation import as_bool
@@ -123,9 +126,23 @@ class FSDViolation(nn.Module):
 class AOTLoss(nn.Module):
     """The AOT loss as a module; see :func:`otloss.aot_loss` for every argument.
 
+    One object serves training and evaluation, in one process or many:
+
+    * ``memory`` (an :class:`otloss.QuantileMemory`) is used in training mode only: after
+      ``eval()`` the loss neither reads nor extends it (the call is the loss of the
+      batch alone), and ``train()`` turns it back on.
+    * ``global_batch="auto"`` sorts across ranks only when ``torch.distributed`` has an
+      initialised process group (``group``, else the default one) of more than one
+      rank; otherwise each call is the local loss. ``True`` always gathers (and
+      raises without an initialised group); ``False`` (the default) never does.
+
     Example:
         >>> loss_fn = AOTLoss(paired=True, beta=0.01)
         >>> loss = loss_fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+
+    Raises:
+        ValueError: ``global_batch`` is a string other than ``"auto"``; any option
+            :func:`otloss.aot_loss` refuses, at construction.
     """
 
     def __init__(
@@ -138,7 +155,7 @@ class AOTLoss(nn.Module):
         sort: SortArg = "hard",
         reduction: Reduction = "mean",
         validate_args: bool | None = None,
-        global_batch: bool = False,
+        global_batch: bool | Literal["auto"] = False,
         group: object | None = None,
         memory: QuantileMemory | None = None,
         backend: Backend = "auto",
@@ -146,7 +163,12 @@ class AOTLoss(nn.Module):
         super().__init__()
         paired = as_bool(paired, "paired")
         _aot_cost(cost, beta, label_smoothing)
-        _, _, global_batch = _check_options(sort, reduction, backend, validate_args, global_batch, group, memory)
+        auto = isinstance(global_batch, str)
+        if auto and global_batch != "auto":
+            raise ValueError(f"global_batch must be True, False or 'auto', got {global_batch!r}")
+        checked = True if auto else global_batch
+        _, _, checked = _check_options(sort, reduction, backend, validate_args, checked, group, memory)
+        global_batch = "auto" if auto else checked
         self.paired = paired
         self.cost = cost
         self.beta = beta
@@ -166,6 +188,7 @@ class AOTLoss(nn.Module):
         ref_chosen_logps: Tensor,
         ref_rejected_logps: Tensor,
     ) -> Tensor:
+        gathers = self.is_global()
         return aot_loss(
             policy_chosen_logps,
             policy_rejected_logps,
@@ -178,11 +201,18 @@ class AOTLoss(nn.Module):
             sort=self.sort,
             reduction=self.reduction,
             validate_args=self.validate_args,
-            global_batch=self.global_batch,
-            group=self.group,
-            memory=self.memory,
+            global_batch=gathers,
+            group=self.group if gathers else None,
+            memory=self.memory if self.training else None,
             backend=self.backend,
         )
+
+    def is_global(self) -> bool:
+        """Whether the next call sorts across ranks: ``global_batch=True``, or ``"auto"`` with several ranks."""
+        if self.global_batch != "auto":
+            return self.global_batch
+        dist = torch.distributed
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1
 
     def extra_repr(self) -> str:
         return (
