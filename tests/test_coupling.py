@@ -9,6 +9,7 @@ from helpers import np_cost, pot_value
 from hypothesis import given
 from hypothesis import strategies as st
 from test_oracles import CONVEX_COSTS, sweep, values, weights_for
+from tolerances import approx, tol
 
 import otloss
 
@@ -29,8 +30,8 @@ def test_marginals_equal_the_weights(problem):
     u, v, a, b, _ = problem
     c = otloss.quantile_coupling(_t(u), _t(v), _t(a), _t(b))
     P = c.to_dense(len(u), len(v)).numpy()
-    np.testing.assert_allclose(P.sum(1), a / a.sum(), atol=1e-12)
-    np.testing.assert_allclose(P.sum(0), b / b.sum(), atol=1e-12)
+    np.testing.assert_allclose(P.sum(1), a / a.sum(), **tol(torch.float64, "parity"))
+    np.testing.assert_allclose(P.sum(0), b / b.sum(), **tol(torch.float64, "parity"))
     assert (c.mass > 0).all()
 
 
@@ -42,7 +43,7 @@ def test_plan_cost_is_the_pot_optimum(problem):
     P = c.to_dense(len(u), len(v)).numpy()
     M = np_cost(cost, np.subtract.outer(u, v))
     z = np.abs(np.subtract.outer(u, v)).max() + 1
-    assert float((P * M).sum()) == pytest.approx(pot_value(u, v, cost, a, b), rel=1e-9, abs=1e-9 * (z**2 + 1))
+    assert float((P * M).sum()) == approx(pot_value(u, v, cost, a, b), torch.float64, scale=z**2 + 1)
 
 
 def test_plan_matches_pot_emd_plan_for_strictly_convex_cost():
@@ -53,7 +54,7 @@ def test_plan_matches_pot_emd_plan_for_strictly_convex_cost():
     a, b = g.uniform(0.1, 1, 6), g.uniform(0.1, 1, 4)
     P = otloss.quantile_coupling(_t(u), _t(v), _t(a), _t(b)).to_dense(6, 4).numpy()
     ref = ot.emd(a / a.sum(), b / b.sum(), np.subtract.outer(u, v) ** 2)
-    np.testing.assert_allclose(P, ref, atol=1e-12)  # unique optimum for a strictly convex cost
+    np.testing.assert_allclose(P, ref, **tol(torch.float64, "parity"))  # unique optimum for a strictly convex cost
 
 
 def test_equal_size_uniform_pairs_order_statistics():
@@ -70,7 +71,8 @@ def test_unequal_sizes_split_mass():
     pairs = list(zip(c.u_index.tolist(), c.v_index.tolist(), c.mass.tolist()))
     expected = [(0, 0, 1 / 3), (0, 1, 1 / 6), (1, 1, 1 / 6), (1, 2, 1 / 3)]
     assert [(i, j) for i, j, _ in pairs] == [(i, j) for i, j, _ in expected]
-    np.testing.assert_allclose([m for *_, m in pairs], [m for *_, m in expected], rtol=1e-6)  # float32
+    masses = [m for *_, m in pairs]
+    np.testing.assert_allclose(masses, [m for *_, m in expected], **tol(torch.float32, "ulp"))  # float32
 
 
 def test_batched_coupling_has_fixed_width_and_zero_mass_padding():
