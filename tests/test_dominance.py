@@ -14,6 +14,7 @@ import otloss
 from otloss import dominance as dom
 
 F64 = tol(torch.float64, "value")
+SINKHORN = tol(torch.float64, "sinkhorn")
 
 
 def _neg2(z):
@@ -63,6 +64,7 @@ def test_ssd_ratio_matches_grid_integration(n, m):
     D = _lorenz_grid(x.numpy(), t) - _lorenz_grid(y.numpy(), t)
     ref = np.sum(np.minimum(D, 0) ** 2) / np.sum(D**2)
     r = dom.violation_ratio(x, y, order=2)
+    # special: the reference is a midpoint quadrature on 400k points, not exact
     assert abs(float(r) - ref) < 1e-4, (float(r), ref)
     torch.testing.assert_close(r + dom.violation_ratio(y, x, order=2), torch.tensor(1.0, dtype=torch.float64), **F64)
 
@@ -73,7 +75,7 @@ def test_ssd_is_weaker_than_fsd():
     z = torch.randn(400, generator=g, dtype=torch.float64)
     x, y = z, 2 * z
     assert float(dom.violation_ratio(x, y)) > 0.3
-    assert float(dom.violation_ratio(x, y, order=2)) < 1e-12
+    assert float(dom.violation_ratio(x, y, order=2)) <= tol(torch.float64, "parity")["atol"]
     assert float(dom.violation_ratio(y, x, order=2)) == pytest.approx(1.0)
 
 
@@ -98,12 +100,11 @@ def test_multivariate_entropic_matches_pot_sinkhorn2():
     a, b = np.full(25, 1 / 25), np.full(30, 1 / 30)
     kw = dict(method="sinkhorn_log", stopThr=1e-14, numItermax=100_000)
     f, rv = ot.sinkhorn2(a, b, Cf, eps, **kw), ot.sinkhorn2(a, b, Cr, eps, **kw)
-    torch.testing.assert_close(r, torch.tensor(float(f / (f + rv)), dtype=torch.float64), rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(r, torch.tensor(float(f / (f + rv)), dtype=torch.float64), **SINKHORN)
     torch.testing.assert_close(
         r + dom.violation_ratio(y, x, epsilon=eps, tol=1e-12, max_iter=50_000),
         torch.tensor(1.0, dtype=torch.float64),
-        rtol=1e-8,
-        atol=1e-9,
+        **SINKHORN,
     )
 
 
@@ -118,6 +119,7 @@ def test_multivariate_with_one_metric_tends_to_1d():
         abs(float(dom.violation_ratio(x[:, None], y[:, None], epsilon=e, tol=1e-8, max_iter=100_000)) - float(exact))
         for e in (1e-2, 3e-3, 1e-3)
     ]
+    # special: the entropic bias at eps = 1e-3, which shrinks with eps, not a rounding error
     assert errs[-1] < 0.02 and errs[-1] < errs[0], errs
 
 
@@ -126,7 +128,8 @@ def test_dominance_by_design():
     y = torch.randn(80, 3, generator=g, dtype=torch.float64)
     x = y + torch.randn(80, 3, generator=g, dtype=torch.float64).abs()
     r = float(dom.violation_ratio(x, y, epsilon=0.1, backend="torch"))
-    assert r < 0.05, r
+    assert r < 0.05, r  # special: near 0 by design, up to the entropic bias at eps = 0.1
+    # special: both solves stop at the default marginal error tol=1e-6, so they agree to that, not to "sinkhorn"
     assert float(dom.violation_ratio(y, x, epsilon=0.1, backend="torch")) == pytest.approx(1 - r, abs=1e-6)
     # 1-D: exact zero under componentwise dominance
     assert float(dom.violation_ratio(x[:, 0], y[:, 0])) == 0.0
@@ -344,4 +347,4 @@ def test_warm_started_replicates_equal_cold_solves():
     wy = dom._counts(25, 3, g, x.device, x.dtype)
     warm = s.resampled(wx, wy)
     cold = torch.stack([dom._ratio_from_costs(s.C2, wx[r], wy[r], 0.05, solver) for r in range(3)])
-    torch.testing.assert_close(warm, cold, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(warm, cold, **SINKHORN)
