@@ -186,10 +186,10 @@ def test_position_property(B, T, V, D, scale, chunk, seed, cost):
     labels[0, 0] = 0  # at least one counted position
     E = torch.randn(V, D, generator=g, dtype=F64)
     got = token_ot_loss(logits, labels, E, mode="position", cost=cost, chunk_size=chunk, reduction="none")
-    torch.testing.assert_close(got, hand_position(logits, labels, E, cost), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got, hand_position(logits, labels, E, cost), **tol(F64, "value"))
     assert (got >= 0).all()
     if cost == "cosine":
-        assert (got <= 2 + 1e-12).all()
+        assert (got <= 2 + tol(F64, "parity")["atol"]).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,7 +470,7 @@ def test_sequence_equals_pot_sinkhorn2(cost):
         n = M.shape[0]
         w = np.full(n, 1 / n)
         want.append(ot.sinkhorn2(w, w, M, eps, method="sinkhorn_log", numItermax=100_000, stopThr=1e-13))
-    torch.testing.assert_close(got, torch.tensor(want, dtype=F64), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=F64), **tol(F64, "sinkhorn"))
 
 
 @requires_pot
@@ -490,9 +490,10 @@ def test_sequence_entropic_at_least_exact_and_tends_to_it(cost):
     opts = {"tol": 1e-6, "max_iter": 100_000}
     for eps in (0.1, 0.03, 0.01):
         v = token_ot_loss(logits, labels, E, cost=cost, epsilon=eps * scale, reduction="none", solver_options=opts)
-        assert (v >= exact - 1e-9).all()
+        assert (v >= exact - tol(F64, "value")["atol"]).all()
         gaps.append((v - exact).max().item())
-    assert all(g1 <= g0 + 1e-9 for g0, g1 in itertools.pairwise(gaps)), gaps
+    assert all(g1 <= g0 + tol(F64, "value")["atol"] for g0, g1 in itertools.pairwise(gaps)), gaps
+    # special: the entropic bias at eps = 0.01 * scale, which shrinks with eps, not a rounding error
     assert gaps[-1] < 1e-2 * scale and gaps[-1] < gaps[0] / 5, gaps
 
 
@@ -524,7 +525,7 @@ def test_sequence_default_gradient_holds_the_plan_fixed():
     w = np.full(6, 1 / 6)
     P = ot.sinkhorn(w, w, C.detach().numpy(), 0.1, method="sinkhorn_log", numItermax=100_000, stopThr=1e-14)
     (torch.as_tensor(P) * C).sum().backward()
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(a.grad, b.grad, **tol(F64, "sinkhorn"))
 
 
 def test_sequence_one_position_is_the_cost_of_the_pair():
@@ -568,7 +569,7 @@ def test_sequence_gradcheck():
         chunk_size=3,
         solver_options={"tol": 1e-12, "max_iter": 10_000, "grad": "implicit"},
     )
-    assert torch.autograd.gradcheck(fn, (logits, E), atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradcheck(fn, (logits, E), **tol(F64, "fd"))
 
 
 def test_sequence_bad_logits_and_empty_sequences():
