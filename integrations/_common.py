@@ -13,34 +13,35 @@ TRL's implicit rewards ``beta * (logp_policy - logp_ref)``, averaged over the ch
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from otloss._validation import as_bool
 from otloss.diagnostics import fsd_report
-from otloss.distributed import all_gather_variable
-from otloss.functional import AOT_DEFAULT_BETA, aot_loss
+from otloss.distributed import QuantileMemory, all_gather_variable
+from otloss.functional import AOT_DEFAULT_BETA
 from otloss.modules import AOTLoss
 from otloss.tokens import PLOTLoss, PLOTOutput
 
 __all__ = [
     "DEFAULT_BETA",
-    "AdapterLoss",
     "aot_uv",
     "build_plot",
     "gather_logps",
+    "has_both_classes",
     "input_embeddings",
     "install_hint",
+    "loss_module",
     "plot_term",
     "preference_metrics",
+    "split_logps",
     "tiny_causal_lm",
     "world_size",
 ]
 
 DEFAULT_BETA = AOT_DEFAULT_BETA  # what beta=None means in otloss.aot_loss: the AOT paper's value
-_AOT_OPTIONS = [p.name for p in inspect.signature(aot_loss).parameters.values() if p.kind is p.KEYWORD_ONLY]
 
 
 def install_hint(extra: str) -> str:
@@ -54,42 +55,32 @@ def world_size(group: object = None) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
-class AdapterLoss(AOTLoss):
-    """:class:`otloss.AOTLoss` as the adapters use it: one object serves training and evaluation, one or many ranks.
+def loss_module(*, global_batch: object = False, accumulate_quantiles: object = False, **options: object) -> AOTLoss:
+    """The one :class:`otloss.AOTLoss` of an adapter, for training and evaluation, on one rank or many.
 
-    * ``memory`` (an :class:`otloss.QuantileMemory`) is used in training mode only:
-      in ``eval()`` mode the loss neither reads nor extends it.
-    * ``global_batch=True`` gathers only when an initialised process group has more
-      than one rank; otherwise it is the local loss.
-    * every option is checked at construction, by :class:`otloss.AOTLoss`.
+    ``global_batch=True`` becomes the core's ``"auto"`` (sort across ranks only when an
+    initialised group has several ranks; the local loss otherwise), and
+    ``accumulate_quantiles=True`` gives it a :class:`otloss.QuantileMemory`, which
+    :class:`otloss.AOTLoss` uses in training mode only. Every option is checked now.
     """
+    memory = QuantileMemory() if as_bool(accumulate_quantiles, "accumulate_quantiles") else None
+    return AOTLoss(global_batch="auto" if global_batch is True else global_batch, memory=memory, **options)
 
-    def is_global(self) -> bool:
-        """Whether the next call sorts across ranks (``global_batch`` and a group of several ranks)."""
-        return self.global_batch and world_size(self.group) > 1
 
-    def has_both_classes(self, n_chosen: int, n_rejected: int, device: torch.device | str) -> bool:
-        """Whether the batch the loss sorts (all ranks' when :meth:`is_global`) has a chosen and a rejected sample.
+def has_both_classes(loss: AOTLoss, n_chosen: int, n_rejected: int, device: torch.device | str) -> bool:
+    """Whether the batch ``loss`` sorts (all ranks' when it is global) has a chosen and a rejected sample.
 
-        A collective when :meth:`is_global`: every rank must call it.
-        """
-        counts = torch.tensor([n_chosen, n_rejected], device=device)
-        if self.is_global():
-            torch.distributed.all_reduce(counts, group=self.group)
-        return bool((counts > 0).all())
+    A collective when ``loss.is_global()``: every rank must call it.
+    """
+    counts = torch.tensor([n_chosen, n_rejected], device=device)
+    if loss.is_global():
+        torch.distributed.all_reduce(counts, group=loss.group)
+    return bool((counts > 0).all())
 
-    def forward(
-        self,
-        policy_chosen_logps: Tensor,
-        policy_rejected_logps: Tensor,
-        ref_chosen_logps: Tensor,
-        ref_rejected_logps: Tensor,
-    ) -> Tensor:
-        options = {name: getattr(self, name) for name in _AOT_OPTIONS}
-        options["global_batch"] = self.is_global()
-        options["group"] = self.group if options["global_batch"] else None
-        options["memory"] = self.memory if self.training else None
-        return aot_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, **options)
+
+def split_logps(policy: Tensor, ref: Tensor, chosen: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(policy_chosen, policy_rejected, ref_chosen, ref_rejected)`` from ``[rows]`` log-probabilities and a bool mask."""
+    return policy[chosen], policy[~chosen], ref[chosen], ref[~chosen]
 
 
 def build_plot(

@@ -41,13 +41,15 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
 import torch
 from otloss.integrations._common import (
     DEFAULT_BETA,
-    AdapterLoss,
     aot_uv,
     build_plot,
     gather_logps,
+    has_both_classes,
     input_embeddings,
+    loss_module,
     plot_term,
     preference_metrics,
+    split_logps,
 )
 from otloss.integrations._hf import (
     PairedCollator,
@@ -219,8 +221,6 @@ class AOTAlignmentModule(pl.LightningModule):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (a causal LM), got {type(model).__name__}")
-        if not isinstance(accumulate_quantiles, bool):
-            raise TypeError(f"accumulate_quantiles must be a bool, got {type(accumulate_quantiles).__name__}")
         if logps_reduction not in ("sum", "mean"):
             raise ValueError(f"logps_reduction must be 'sum' or 'mean', got {logps_reduction!r}")
         if ref_model is not None:
@@ -259,7 +259,7 @@ class AOTAlignmentModule(pl.LightningModule):
             ref_model.requires_grad_(False)
             ref_model.eval()
         # Built once; validates cost / beta / label_smoothing / sort / backend / global_batch now.
-        self.loss_fn = AdapterLoss(
+        self.loss_fn = loss_module(
             paired=paired,
             cost=cost,
             beta=beta,
@@ -268,7 +268,7 @@ class AOTAlignmentModule(pl.LightningModule):
             validate_args=validate_args,
             backend=backend,
             global_batch=global_batch,
-            memory=QuantileMemory() if accumulate_quantiles else None,
+            accumulate_quantiles=accumulate_quantiles,
         )
         self.plot = build_plot(plot_alpha, plot_mode, plot_cost, plot_epsilon, plot_margin, plot_embedding_grad)
         self.paired = paired
@@ -404,7 +404,7 @@ class AOTAlignmentModule(pl.LightningModule):
             chosen = torch.arange(policy.shape[0], device=policy.device) < batch["chosen_input_ids"].shape[0]
         else:
             chosen = batch["label"].to(device=policy.device, dtype=torch.bool)
-        logps = dict(zip(_LOGP_KEYS, (policy[chosen], policy[~chosen], ref[chosen], ref[~chosen])))
+        logps = dict(zip(_LOGP_KEYS, split_logps(policy, ref, chosen)))
         if not plot or self.plot is None:
             return logps, None
         labels = inputs[0][:, 1:].masked_fill(inputs[2][:, 1:] == 0, -100)
@@ -417,7 +417,7 @@ class AOTAlignmentModule(pl.LightningModule):
         if "label" not in batch:
             self._model_inputs(batch)  # raises the KeyError
         label = batch["label"].to(torch.bool)
-        return self.loss_fn.has_both_classes(int(label.sum()), int((~label).sum()), self.device)
+        return has_both_classes(self.loss_fn, int(label.sum()), int((~label).sum()), self.device)
 
     def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor | None, dict[str, Tensor]]:
         """The AOT loss of a batch and the log-probabilities it came from.
@@ -437,7 +437,7 @@ class AOTAlignmentModule(pl.LightningModule):
         logps, plot = self._logps_and_plot(batch, plot=both)
         if not both:
             return None, logps
-        self.loss_fn.train(self.training)
+        self.loss_fn.train(self.training)  # follows the module's flag, even when set directly
         loss = self.loss_fn(*(logps[k] for k in _LOGP_KEYS))
         if plot is None:
             return loss, logps

@@ -24,13 +24,15 @@ from typing import Any, ClassVar
 
 import torch
 from otloss.integrations._common import (
-    AdapterLoss,
     build_plot,
     gather_logps,
+    has_both_classes,
     input_embeddings,
     install_hint,
+    loss_module,
     plot_term,
     preference_metrics,
+    split_logps,
     world_size,
 )
 from torch import Tensor
@@ -39,6 +41,7 @@ from torch.utils.data import DataLoader
 
 from otloss.diagnostics import DEFAULT_QUANTILES
 from otloss.distributed import QuantileMemory
+from otloss.modules import AOTLoss
 from otloss.sorting import SoftSort
 
 try:
@@ -103,7 +106,7 @@ def _resolve_loss_type(loss_type: object, paired: object) -> tuple[bool, list[st
     return paired, ["aot" if paired else "aot_unpaired"]
 
 
-def _build_loss(args: AOTConfig) -> AdapterLoss:
+def _build_loss(args: AOTConfig) -> AOTLoss:
     """Refuse options that AOT cannot honour; returns the one loss module the options describe."""
     if args.use_weighting:
         raise ValueError(
@@ -124,7 +127,7 @@ def _build_loss(args: AOTConfig) -> AdapterLoss:
         raise ValueError(f"empty_class must be 'skip' or 'carry_over', got {args.empty_class!r}")
     if args.sort not in ("hard", "soft"):
         raise ValueError(f"sort must be 'hard' or 'soft', got {args.sort!r}")
-    return AdapterLoss(
+    return loss_module(
         paired=args.paired,
         cost=args.cost,
         beta=args.beta,
@@ -132,7 +135,7 @@ def _build_loss(args: AOTConfig) -> AdapterLoss:
         sort="hard" if args.sort == "hard" else SoftSort(regularization_strength=args.soft_sort_strength),
         backend=args.backend,
         global_batch=args.global_batch,
-        memory=QuantileMemory() if args.accumulate_quantiles else None,
+        accumulate_quantiles=args.accumulate_quantiles,
     )
 
 
@@ -622,10 +625,10 @@ class AOTTrainer(_PLOTMixin, DPOTrainer):
         dtype = torch.promote_types(logps.dtype, ref_logps.dtype)
         logps, ref_logps = logps.to(dtype), ref_logps.to(device=logps.device, dtype=dtype)
         chosen_rows = chosen_rows.to(logps.device)
-        four = (logps[chosen_rows], logps[~chosen_rows], ref_logps[chosen_rows], ref_logps[~chosen_rows])
+        four = split_logps(logps, ref_logps, chosen_rows)
 
         self.aot_loss.train(mode == "train")  # the quantile memory serves training only
-        if self.aot_loss.has_both_classes(four[0].numel(), four[1].numel(), logps.device):
+        if has_both_classes(self.aot_loss, four[0].numel(), four[1].numel(), logps.device):
             loss = self.aot_loss(*four)
         else:  # zero loss and gradient, but every parameter stays in the graph (DDP needs it)
             loss = (logps * 0.0).sum()

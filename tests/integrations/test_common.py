@@ -8,11 +8,13 @@ import pytest
 import torch
 from otloss.integrations._common import (
     DEFAULT_BETA,
-    AdapterLoss,
     aot_uv,
     gather_logps,
+    has_both_classes,
     install_hint,
+    loss_module,
     preference_metrics,
+    split_logps,
     tiny_causal_lm,
 )
 from tolerances import tol
@@ -25,37 +27,32 @@ def _logps(n: int, m: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     return tuple(torch.randn(k, generator=g, dtype=torch.float64) for k in (n, m, n, m))
 
 
-def test_memory_is_used_in_training_mode_only():
-    loss_fn = AdapterLoss(paired=False, beta=0.5, memory=otloss.QuantileMemory())
-    first, second = _logps(3, 2, seed=1), _logps(4, 5, seed=2)
-    loss_fn(*first)
-    assert loss_fn.memory.sizes == (3, 2)
-    both = [torch.cat([a, b]) for a, b in zip(first, second)]
-    torch.testing.assert_close(loss_fn(*second), otloss.aot_loss(*both, paired=False, beta=0.5), **tol(torch.float64))
-    assert loss_fn.memory.sizes == (7, 7)
-    loss_fn.eval()  # evaluation neither reads nor extends the memory
-    torch.testing.assert_close(loss_fn(*second), otloss.aot_loss(*second, paired=False, beta=0.5), **tol(torch.float64))
-    assert loss_fn.memory.sizes == (7, 7)
+def test_loss_module_is_one_core_loss_for_every_mode():
+    # memory in training mode only and the option checks: tests/test_modules_auto.py (otloss.AOTLoss)
+    loss_fn = loss_module(paired=False, beta=0.5, accumulate_quantiles=True)
+    assert type(loss_fn) is otloss.AOTLoss and isinstance(loss_fn.memory, otloss.QuantileMemory)
+    assert loss_module().memory is None and loss_module(global_batch=False).global_batch is False
+    with pytest.raises(TypeError, match="accumulate_quantiles must be a bool"):
+        loss_module(accumulate_quantiles="yes")
+    with pytest.raises(ValueError, match=r"global_batch must be True, False or 'auto', got 'yes'"):
+        loss_module(global_batch="yes")
 
 
 def test_global_batch_without_a_process_group_is_the_local_loss():
     logps = _logps(5, 5)
-    loss_fn = AdapterLoss(beta=0.3, global_batch=True)
-    assert loss_fn.global_batch is True and not loss_fn.is_global()
+    loss_fn = loss_module(beta=0.3, global_batch=True)
+    assert loss_fn.global_batch == "auto" and not loss_fn.is_global()
     assert torch.equal(loss_fn(*logps), otloss.aot_loss(*logps, beta=0.3))
     with pytest.raises(RuntimeError, match="process group"):  # the core refuses it: the adapters' leniency is theirs
         otloss.aot_loss(*logps, beta=0.3, global_batch=True)
-    assert loss_fn.has_both_classes(5, 5, "cpu") and not loss_fn.has_both_classes(5, 0, "cpu")
+    assert has_both_classes(loss_fn, 5, 5, "cpu") and not has_both_classes(loss_fn, 5, 0, "cpu")
 
 
-def test_options_checked_at_construction():
-    with pytest.raises(ValueError, match="backend must be 'auto', 'torch' or 'triton', got 'cuda'"):
-        AdapterLoss(backend="cuda")
-    with pytest.raises(TypeError, match=r"global_batch must be a bool.*got str"):
-        AdapterLoss(global_batch="yes")
-    with pytest.raises(ValueError, match="cost must be one of"):
-        AdapterLoss(cost="zero_one")
-    assert AdapterLoss(backend="triton").backend == "triton"  # checked when it runs, as in the core
+def test_split_logps_follows_the_mask():
+    policy, ref = torch.arange(5.0), -torch.arange(5.0)
+    chosen = torch.tensor([True, False, True, True, False])
+    pc, pr, rc, rr = split_logps(policy, ref, chosen)
+    assert pc.tolist() == [0, 2, 3] and pr.tolist() == [1, 4] and rc.tolist() == [0, -2, -3] and rr.tolist() == [-1, -4]
 
 
 def test_preference_metrics_are_beta_scaled_rewards_as_in_trl():
