@@ -23,6 +23,7 @@ from otloss._validation import (
     check_same_dtype_device,
     check_values_tensor,
     compute_dtype,
+    get_validate_args,
     plain_values,
     resolve_validate,
     type_name,
@@ -288,6 +289,24 @@ def ot_h_1d(
         need, and may exceed the transport minimum. Values follow IEEE arithmetic
         in the compute dtype: a cost that overflows gives ``inf``.
     """
+    if (
+        isinstance(cost, Cost)
+        and cost.dh is not None
+        and cost.differentiable
+        and sort.__class__ is str
+        and sort == "hard"
+        and u_weights is None
+        and v_weights is None
+        and global_batch is False
+        and memory is None
+        and group is None
+        and (validate_args is None or validate_args.__class__ is bool)
+        and _lean((u, v), reduction, backend)
+    ):  # the common training call: straight to the loss node (every check below would pass)
+        validate = get_validate_args() if validate_args is None else validate_args
+        return SortedOT.apply(
+            u, v, cost, _finite_check((u, "u"), (v, "v")) if validate else None, None, None, reduction
+        )
     sorter, validate, global_batch = _check_options(
         sort, reduction, backend, validate_args, global_batch, group, memory
     )
@@ -307,6 +326,66 @@ def ot_h_1d(
     return _ot_h_1d(u, v, cost, u_weights, v_weights, sorter, validate, reduction, global_batch, group, memory, backend)
 
 
+def _lean(tensors: tuple[object, ...], reduction: object, backend: object) -> bool:
+    """Whether a call may go straight to the loss node: the plain eager training call on the CPU.
+
+    ``tensors`` are dense CPU float32/float64 tensors of one shape and dtype, at least one requires
+    grad, grad mode is on, no ``torch.func`` transform or compilation runs, ``reduction`` is valid and
+    ``backend`` is ``"auto"`` or ``"torch"``. Then every check of the general path passes and that path
+    ends in the same :class:`SortedOT` call (``tests/test_overhead.py``); these attribute tests replace
+    it. Anything else (including every error) takes the general path, which names what fails.
+    """
+    if not (reduction.__class__ is str and reduction in _REDUCTIONS and (backend == "auto" or backend == "torch")):
+        return False
+    first = tensors[0]
+    if not isinstance(first, Tensor) or first.is_nested:  # (a nested tensor has no .shape)
+        return False
+    dtype, shape = first.dtype, first.shape
+    if not ((dtype is torch.float32 or dtype is torch.float64) and len(shape) > 0 and first.numel() > 0):
+        return False
+    grad = False
+    for t in tensors:
+        if not (
+            isinstance(t, Tensor)
+            and t.dtype is dtype
+            and t.is_cpu
+            and not t.is_nested
+            and t.layout is torch.strided
+            and t.shape == shape
+        ):
+            return False
+        grad = grad or t.requires_grad
+    return grad and torch.is_grad_enabled() and not functorch_active() and not torch.compiler.is_compiling()
+
+
+def _lean_paired(
+    pc: object,
+    pr: object,
+    rc: object,
+    rr: object,
+    cost: str,
+    beta: object,
+    label_smoothing: object,
+    reduction: object,
+    validate_args: bool | None,
+    backend: object,
+) -> Tensor | None:
+    """Paired hard-sort AOT through :func:`_lean` with a cost already built (cached), or ``None``."""
+    if not (
+        beta.__class__ in _KEY_TYPES
+        and label_smoothing.__class__ in _KEY_TYPES
+        and _lean((pc, pr, rc, rr), reduction, backend)
+    ):
+        return None
+    h = _AOT_COST_CACHE.get((cost, _number_key(beta), _number_key(label_smoothing)))
+    if h is None or h.dh is None or not h.differentiable:  # the first call builds (and validates) the cost
+        return None
+    validate = get_validate_args() if validate_args is None else validate_args
+    check = _finite_check(*zip((pc, pr, rc, rr), _AOT_NAMES)) if validate else None
+    return SortedOT.apply(pc, rc, h, check, pr, rr, reduction)
+
+
+_AOT_NAMES = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
 _NO_MEMORY = contextlib.nullcontext()
 _NODE_DTYPES = (torch.float32, torch.float64)  # the compute dtypes: no cast on the way in or out
 
@@ -618,11 +697,27 @@ def aot_loss(
     Returns:
         The loss, in the dtype of ``policy_chosen_logps``.
     """
+    if (
+        paired is True
+        and sort.__class__ is str
+        and sort == "hard"
+        and global_batch is False
+        and memory is None
+        and group is None
+        and cost.__class__ is str
+        and (validate_args is None or validate_args.__class__ is bool)
+    ):  # the common training call: straight to the loss node when every check would pass
+        out = _lean_paired(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+            cost, beta, label_smoothing, reduction, validate_args, backend,
+        )  # fmt: skip
+        if out is not None:
+            return out
     paired = as_bool(paired, "paired")
     sorter, validate, global_batch = _check_options(
         sort, reduction, backend, validate_args, global_batch, group, memory
     )
-    names = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+    names = _AOT_NAMES
     tensors = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     local = not global_batch and memory is None
     if not (local and plain_values(tensors)):  # the named checks, which raise (skipped when all would pass)

@@ -2,6 +2,7 @@
 dispatch to the loss node. Behaviour only (no timing): the shortcuts give the same values and gradients and the
 same errors as the general path."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -296,3 +297,85 @@ def test_reduction_inside_the_node_gradgradcheck(reduction):
 
     assert torch.autograd.gradcheck(f, (u, v, pr))
     assert torch.autograd.gradgradcheck(f, (u, v, pr))
+
+
+# --- the lean path: attribute tests in place of the checks that would all pass -----------------------------
+
+
+def test_lean_path_skips_the_checks_and_equals_the_general_path(monkeypatch):
+    t = _logps(n=16)
+    otloss.aot_loss(*t, beta=0.3)  # builds and caches the cost
+    u, v = torch.randn(3, 8, requires_grad=True), torch.randn(3, 8)
+    cost = otloss.abs_pow(2.0)
+    general = otloss.aot_loss(*t, beta=0.3, validate_args=np.True_), otloss.ot_h_1d(u, v, cost, validate_args=np.True_)
+    grads = torch.autograd.grad(general[0], t[:2]), torch.autograd.grad(general[1], u)
+    monkeypatch.setattr(fn, "_check_options", _no_general_path)
+    lean = otloss.aot_loss(*t, beta=0.3), otloss.ot_h_1d(u, v, cost)
+    for a, b in zip(lean, general):
+        assert torch.equal(a, b)
+    for a, b in zip(torch.autograd.grad(lean[0], t[:2]), grads[0]):
+        assert torch.equal(a, b)
+    assert torch.equal(torch.autograd.grad(lean[1], u)[0], grads[1][0])
+
+
+@pytest.mark.parametrize(
+    "case", ["numpy_bool", "no_grad", "bf16", "meta", "empty_rows", "sparse", "nested", "first_call", "soft", "list"]
+)
+def test_lean_path_declines_what_it_does_not_check(monkeypatch, case):
+    calls = []
+    real = fn._check_options
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fn, "_check_options", spy)
+    t = _logps(n=8)
+    kwargs = {"beta": 0.2}
+    otloss.aot_loss(*t, **kwargs)
+    calls.clear()
+    expect: type[Exception] | None = None
+    if case == "numpy_bool":
+        kwargs["validate_args"] = np.True_
+    elif case == "no_grad":
+        t = [x.detach() for x in t]
+    elif case == "bf16":
+        t = [x.detach().bfloat16() for x in t]
+        t[0].requires_grad_(True)
+    elif case == "meta":
+        t = [torch.zeros(8, device="meta", requires_grad=i == 0) for i in range(4)]
+    elif case == "empty_rows":
+        t = [torch.zeros(0, 8, requires_grad=i == 0) for i in range(4)]
+        expect = ValueError
+    elif case == "sparse":
+        t[2] = t[2].detach().to_sparse()
+        expect = TypeError
+    elif case == "nested":
+        t[2] = torch.nested.nested_tensor([t[2].detach()])
+        expect = TypeError
+    elif case == "first_call":
+        kwargs["beta"] = 0.123456
+    elif case == "soft":
+        kwargs["sort"] = "soft"
+    elif case == "list":
+        t[3] = t[3].tolist()
+        expect = TypeError
+    if expect is None:
+        otloss.aot_loss(*t, **kwargs)
+    else:
+        with pytest.raises(expect):
+            otloss.aot_loss(*t, **kwargs)
+    assert calls, "the lean path took a call it must leave to the checks"
+
+
+def test_lean_path_value_check_names_the_input():
+    t = _logps()
+    otloss.aot_loss(*t)
+    with torch.no_grad():
+        t[1][3] = float("nan")
+    with pytest.raises(ValueError, match=r"policy_rejected_logps contains non-finite values \(1 NaN, 0 Inf\)"):
+        otloss.aot_loss(*t)
+    u, v = torch.randn(5, requires_grad=True), torch.tensor([0.0, 1.0, float("-inf"), 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"^v contains non-finite values \(0 NaN, 1 Inf\)"):
+        otloss.ot_h_1d(u, v, otloss.abs_pow(2.0))
+    assert not torch.isfinite(otloss.ot_h_1d(u, v, otloss.abs_pow(2.0), validate_args=False))
