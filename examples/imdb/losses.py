@@ -157,7 +157,7 @@ class Method:
     needs_tokens: bool = False
 
 
-# The one registry of methods: the CLI, the pipeline, the plots and the batch-size ablation read it.
+# The one registry of methods: the CLI, the pipeline, the plots and the multi-seed experiment read it.
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (

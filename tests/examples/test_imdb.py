@@ -160,20 +160,6 @@ def test_import_otloss_does_not_load_the_demo_dependencies():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-def test_batch_size_ablation_runs_at_toy_size(toy_run):
-    from examples.imdb import ablation_batch_size as module
-
-    root, _, _ = toy_run
-    out = root / "ablation"
-    argv = ["--size", "tiny", "--device", "cpu", "--threads", "1", "--batch-sizes", "2,8", "--samples", "16"]
-    argv += ["--out", str(out), "--cache-dir", str(root / "cache"), "--no-progress"]
-    assert module.main(argv) == 0
-    summary = json.loads((out / "results.json").read_text())
-    assert [(r["batch_size"], r["steps"]) for r in summary["rows"]] == [(2, 8), (8, 2)]
-    assert all(0.0 <= r["fsd_area"] <= 1.0 and math.isfinite(r["mean_reward"]) for r in summary["rows"])
-    assert (out / "ablation_batch_size.png").read_bytes().startswith(PNG_MAGIC)
-
-
 def test_module_entry_point_runs_without_trl_or_lightning(toy_run):
     # `python -m examples.imdb` from the repository root, with the training frameworks made unimportable
     root, _, _ = toy_run
