@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tolerances import tol
 
 import otloss
 
@@ -72,10 +71,6 @@ def trl_aot_reference(pc, pr, rc, rr, beta, label_smoothing, paired):
     delta = a - b
     losses = -F.logsigmoid(beta * delta) * (1 - label_smoothing) - F.logsigmoid(-beta * delta) * label_smoothing
     return losses.mean()
-
-
-# (rtol, atol) for values computed in each dtype against a float64 oracle, from the one table in tolerances.py.
-TOL = {dtype: tuple(tol(dtype, "value").values()) for dtype in (torch.float64, torch.float32)}
 
 
 # Skip markers: conftest.py turns each into a skip where its requirement is missing.
