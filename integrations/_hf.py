@@ -44,9 +44,7 @@ __all__ = [
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip DDP/FSDP/``torch.compile`` wrappers: ``.module``, ``._fsdp_wrapped_module``, ``._orig_mod``."""
-    seen = 0
-    while seen < 16:
-        seen += 1
+    for _ in range(16):  # at most 16 levels of wrapping
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         elif hasattr(model, "_fsdp_wrapped_module"):

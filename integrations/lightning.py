@@ -117,14 +117,14 @@ class AOTAlignmentModule(pl.LightningModule):
     pairs), ``logps/chosen``, ``logps/rejected``; the FSD diagnostics of
     :func:`otloss.fsd_report` of the loss's ``u`` over ``v`` in log-ratio units
     (``fsd_area``, ``fsd_w1``, ``fsd_w2``, ``quantile_margin_<t>``);
-    ``skipped_batches`` for unpaired batches lacking a class; with PLOT on (``plot_alpha > 0``),
-    ``plot/term``, ``plot/chosen_ot`` and ``plot/rejected_ot``.
+    ``skipped_batches`` for unpaired batches lacking a class.
 
     PLOT (``plot_alpha > 0``): the loss becomes ``AOT + plot_alpha * L_PLOT``, with
     ``L_PLOT`` the core's :func:`otloss.plot_loss` term (``base=None``) on the policy's
     logits of the step's forward (no copy of them is made) and the model's input
-    embedding matrix. It is computed on the local batch, when it holds a chosen and a
-    rejected response, in training and validation.
+    embedding matrix, on the local batch when it holds a chosen and a rejected
+    response, in training and validation; logged as ``plot/term``, ``plot/chosen_ot``
+    and ``plot/rejected_ot``.
 
     Unpaired batch with no desirable or no undesirable sample: the AOT loss is
     undefined. In a single process ``training_step`` returns ``None`` before any
@@ -171,14 +171,10 @@ class AOTAlignmentModule(pl.LightningModule):
             model). ``None`` uses the model's ``_no_split_modules`` (the decoder
             layer class of every ``transformers`` LM). Ignored by other strategies.
         fsdp2_kwargs: extra keyword arguments for ``fully_shard`` (e.g. ``mp_policy``).
-        plot_alpha: weight of the PLOT term; ``0`` (default) turns PLOT off: the loss,
-            the metrics and the work are exactly AOT's.
-        plot_mode, plot_cost, plot_epsilon: ``mode``, ``cost`` and ``epsilon`` of
-            :func:`otloss.token_ot_loss` (defaults ``"sequence"``, ``"cosine"``, ``0.05``).
-        plot_margin: the hinge margin of the push on rejected responses; ``None`` is
-            1.0 with the cosine cost and must be given with ``"sqeuclidean"``.
-        plot_embedding_grad: let gradients flow into the embedding matrix (default:
-            detached, a fixed geometry).
+        plot_alpha, plot_mode, plot_cost, plot_epsilon, plot_margin, plot_embedding_grad:
+            the PLOT term, with the meanings and defaults of the TRL adapter's
+            ``PLOTOptions``; ``plot_alpha=0`` (default) turns PLOT off: the loss, the
+            metrics and the work are exactly AOT's.
 
     Raises:
         ValueError / TypeError: incompatible options, at construction.
