@@ -93,6 +93,16 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
             loss = loss_fn(*local)
             grads = torch.autograd.grad(loss, local)
             res[name] = {"is_global": loss_fn.is_global(), "loss": loss.detach(), "grads": grads}
+        # with a memory (the adapters' accumulate_quantiles): "auto" stores the gathered scalars, as True does
+        for name, option in (("auto_memory", "auto"), ("true_memory", True)):
+            loss_fn = otloss.AOTLoss(paired=False, beta=0.5, global_batch=option, memory=otloss.QuantileMemory())
+            loss_fn(*(t.detach() for t in _logps(2, 1 + rank, seed=20 + rank)))
+            loss = loss_fn(*local)
+            res[name] = {
+                "loss": loss.detach(),
+                "grads": torch.autograd.grad(loss, local),
+                "sizes": loss_fn.memory.sizes,
+            }
         solo = [dist.new_group([r]) for r in range(world)][rank]  # every rank creates every group
         loss_fn = otloss.AOTLoss(paired=False, beta=0.5, global_batch="auto", group=solo)
         res["solo"] = {"is_global": loss_fn.is_global(), "loss": loss_fn(*local).detach()}
@@ -112,6 +122,9 @@ def test_global_batch_auto_gathers_with_several_ranks(tmp_path):
         torch.testing.assert_close(res["auto"]["loss"], whole, **tol(DT))
         own = otloss.aot_loss(*ranks[rank], paired=False, beta=0.5)
         torch.testing.assert_close(res["false"]["loss"], own, **tol(DT))
+        assert res["auto_memory"]["sizes"] == res["true_memory"]["sizes"] == (2 + 2 + 3 + 4, 1 + 2 + 2 + 4)
+        assert torch.equal(res["auto_memory"]["loss"], res["true_memory"]["loss"])
+        assert all(torch.equal(a, b) for a, b in zip(res["auto_memory"]["grads"], res["true_memory"]["grads"]))
         # a group of one rank: "auto" is the local loss
         assert not res["solo"]["is_global"]
         torch.testing.assert_close(res["solo"]["loss"], own, **tol(DT))
