@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from tolerances import tol
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "kernels.csv"
@@ -53,13 +54,14 @@ def test_quick_cpu_run_writes_every_case_method_and_pass(quick_csv):
         n_in = (4 if r["regime"] == "aot" else 2 * int(r["rows"])) * int(r["n"])
         n_grad = 2 * int(r["rows"]) * int(r["n"])
         assert int(r["bytes"]) == size * {"fwd": n_in, "bwd": n_grad, "full": n_in + n_grad}[r["pass"]]
+        # special: the CSV keeps 6 significant digits of each number, so derived columns agree to that, not to a dtype
         assert float(r["gbps"]) == pytest.approx(int(r["bytes"]) / (p50 * 1e-3) / 1e9, rel=1e-3)
     # speed-ups are the baseline's median over the method's, from the same run
     for r in rows:
         base = bench.BASELINE[r["regime"]]
         b = next(x for x in rows if (x["regime"], x["rows"], x["n"], x["pass"], x["method"])
                  == (r["regime"], r["rows"], r["n"], r["pass"], base))  # fmt: skip
-        assert float(r["speedup"]) == pytest.approx(float(b["ms_p50"]) / float(r["ms_p50"]), rel=1e-3)
+        assert float(r["speedup"]) == pytest.approx(float(b["ms_p50"]) / float(r["ms_p50"]), rel=1e-3)  # 6 digits
 
 
 def test_trl_formula_is_what_the_reference_path_computes():
@@ -151,6 +153,9 @@ def test_kernel_cases_compute_what_the_reference_cases_compute(regime):
         loss = loss_fn()
         results[method] = (loss.detach(), torch.autograd.grad(loss, inputs))
     for method in ("otloss_triton", "otloss_torch"):
-        torch.testing.assert_close(results[method][0], results[bench.BASELINE[regime]][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            results[method][0], results[bench.BASELINE[regime]][0], **tol(torch.float32, "parity")
+        )
         for a, b in zip(results[method][1], results[bench.BASELINE[regime]][1]):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+            # gradients are h'/n with n = 40, far below 1: atol scaled to their size
+            torch.testing.assert_close(a, b, **tol(torch.float32, "parity", scale=0.1))
