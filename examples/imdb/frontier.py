@@ -28,7 +28,7 @@ interrupted sweep resumes. ``report`` reads the CSVs and the saved reward sample
 writes the plots and ``frontier.md``.
 
     python -m examples.imdb.frontier run             # the committed sweep (about 1.5-2 h on a 2-core CPU)
-    python -m examples.imdb.frontier report          # plots, tables, dominance tests
+    python -m examples.imdb.frontier report --figures docs/assets   # tables, dominance tests, plots
     python -m examples.imdb.frontier run --size tiny --seeds 0,1 --betas 0.1,1 --out /tmp/f   # seconds
 
 Run from the repository root with the demo extras installed (``pip install -e ".[demo]"``).
@@ -451,7 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
     rep = sub.add_parser("report", help="plots, tables and dominance tests from the CSVs")
     rep.add_argument("--out", default=str(RESULTS))
-    rep.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of the dominance tests")
+    rep.add_argument(
+        "--bootstrap", type=_positive_int, default=1000, help="bootstrap replicates of the dominance tests"
+    )
+    rep.add_argument("--figures", help="where the PNGs go (default: --out)")
     return p
 
 
@@ -467,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     from .frontier_report import report
 
-    return report(Path(args.out), n_bootstrap=args.bootstrap)
+    return report(Path(args.out), n_bootstrap=args.bootstrap, figures=Path(args.figures) if args.figures else None)
 
 
 if __name__ == "__main__":

@@ -178,8 +178,11 @@ def _quantile_diffs(x: np.ndarray, y: np.ndarray, n_boot: int, gen: np.random.Ge
     return list(zip(LEVELS, d, lo, hi))
 
 
-def report(out: Path, n_bootstrap: int = 1000) -> int:
-    """Write ``frontier.md``, ``frontier.png`` and ``frontier_batch_size.png`` into ``out`` from its CSVs."""
+def report(out: Path, n_bootstrap: int = 1000, figures: Path | None = None) -> int:
+    """Write ``frontier.md`` into ``out`` and ``frontier.png``, ``frontier_batch_size.png`` into ``figures``.
+
+    ``figures`` defaults to ``out``.
+    """
     from scipy import stats
 
     import otloss
@@ -197,7 +200,9 @@ def report(out: Path, n_bootstrap: int = 1000) -> int:
     lines += _provenance_lines(meta, seeds, sorted({r["beta"] for r in rows}))
 
     # --- frontier table: per method and beta, mean KL and rewards with t-intervals
-    _plot_frontier(rows, methods, ref_rows, out / "frontier.png")
+    figures = out if figures is None else figures
+    figures.mkdir(parents=True, exist_ok=True)
+    _plot_frontier(rows, methods, ref_rows, figures / "frontier.png")
     lines += [
         "## Every cell (mean over seeds, 95% t-interval)",
         "",
@@ -280,10 +285,14 @@ def report(out: Path, n_bootstrap: int = 1000) -> int:
     # --- distributional claim
     lines += _dominance_section(rows, methods, targets, rewards, n_bootstrap, otloss)
     # --- batch size and global batch
-    lines += _batch_section(out, rewards, otloss)
+    lines += _batch_section(out, rewards, otloss, figures)
     # --- reproducibility
     lines += _repro_section(out, fr, rewards)
-    lines += ["Figures: `frontier.png` (reward against KL), `frontier_batch_size.png` (batch size).", ""]
+    lines += [
+        f"Figures: `{figures / 'frontier.png'}` (reward against KL), `{figures / 'frontier_batch_size.png'}` "
+        "(batch size).",
+        "",
+    ]
     (out / "frontier.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
@@ -354,7 +363,7 @@ def _dominance_section(rows, methods, targets, rewards, n_bootstrap, otloss) -> 
     return lines
 
 
-def _batch_section(out: Path, rewards: dict, otloss) -> list[str]:
+def _batch_section(out: Path, rewards: dict, otloss, figures: Path) -> list[str]:
     from scipy import stats
 
     rows = load_rows(out / "batch_size.csv")
@@ -404,7 +413,7 @@ def _batch_section(out: Path, rewards: dict, otloss) -> list[str]:
             parts.append(f"{c} {fit.slope:+.4f} [{fit.slope - h:+.4f}, {fit.slope + h:+.4f}] (p = {fit.pvalue:.3g})")
         lines.append(f"- Slope per doubling, fixed {design}: " + "; ".join(parts) + ".")
     if single:
-        _plot_batch(single, out / "frontier_batch_size.png")
+        _plot_batch(single, figures / "frontier_batch_size.png")
     g = {d: {r["seed"]: r for r in rows if r["design"] == d} for d in ("global_2proc", "local_2proc")}
     if g["global_2proc"] and g["local_2proc"]:
         common = sorted(set(g["global_2proc"]) & set(g["local_2proc"]))
