@@ -17,12 +17,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers import spawn_world
+from tolerances import tol
 
 import otloss
 
 WORLD = 2
 DT = torch.float64
-TOL = {"rtol": 1e-12, "atol": 1e-12}
+TOL = tol(DT, "parity")
 
 
 # ---------------------------------------------------------------------------
