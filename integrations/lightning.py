@@ -105,9 +105,9 @@ class AOTAlignmentModule(pl.LightningModule):
     ``ref_model`` is frozen here (``requires_grad_(False)``, always in eval mode); it
     is a submodule, so strategies move and shard it and checkpoints include it.
 
-    The loss module ``self.loss_fn`` is built once; it follows the module's
-    train/eval mode (the quantile memory of ``accumulate_quantiles`` serves training
-    only).
+    The loss module ``self.loss_fn``, one :class:`otloss.AOTLoss` built once
+    (``global_batch=True`` is its ``"auto"``), follows the module's train/eval mode
+    (the quantile memory of ``accumulate_quantiles`` serves training only).
 
     Logged (``train/`` per step on each rank's batch, ``val/`` per epoch over the
     validation set of all ranks): ``loss``; ``rewards/chosen``, ``rewards/rejected``

@@ -371,8 +371,9 @@ class AOTTrainer(_PLOTMixin, DPOTrainer):
     model's log-probabilities computed once before training; else a second copy of
     the model loaded from its name or path.
 
-    The loss module is ``self.aot_loss``, built once: in training mode it uses the
-    quantile memory (``accumulate_quantiles``), in evaluation it does not.
+    The loss module is ``self.aot_loss``, one :class:`otloss.AOTLoss` built once
+    (``global_batch=True`` is its ``"auto"``): in training mode it uses the quantile
+    memory (``accumulate_quantiles``), in evaluation it does not.
 
     Logged metrics: TRL's (``rewards/*`` = ``beta * (logp_policy - logp_ref)``,
     ``logps/*``, ``logits/*``, ``entropy``, ``num_tokens``, ``mean_token_accuracy``)
