@@ -345,6 +345,7 @@ def test_memory_with_global_batch(results):
             start = sum(len(micro[1][r][i]) for r in range(rank))
             expect = leaves[i].grad[start : start + len(g)] * WORLD * ratio[i]
             torch.testing.assert_close(g, expect, **TOL)
+    # the memory changes the loss: a margin far above TOL, not a tolerance
     assert abs(float(ref2.detach()) - float(otloss.aot_loss(*cat[1], paired=False, beta=0.5))) > 1e-6
 
 

@@ -10,15 +10,17 @@ The key is the dtype the computation under test runs in, and the kind of compari
 
 - ``"value"``: a loss, a plan or a sorted tensor against a float64 oracle (POT, SciPy, the quantile integral).
 - ``"grad"``: a gradient against a float64 oracle; gradients pass through one more cancellation than values.
-- ``"parity"``: two implementations of the same float32 (or lower) computation that differ only in the order of
-  their sums, such as a whole model's loss and parameter gradients computed by TRL's trainer and by ours.
+- ``"parity"``: two implementations of the same computation in one dtype that differ only in the order of their
+  sums: TRL's AOT formula written out against ours in float64; a whole model's loss and parameter gradients
+  computed by TRL's trainer and by ours, or by FSDP and one process, in float32.
 - ``"ulp"``: one result that is only rounded a few times, with no sum to accumulate error (a mass 1/6, a cost's
   value at one point): a few units in the last place, relative.
 - ``"kernel"``: a Triton kernel against the PyTorch path in float32; both sum blocks of a row in different orders.
 - ``"sinkhorn"``: two log-domain Sinkhorn solves of the same problem, each run to a marginal error <= 1e-12.
 - ``"fd"``: an analytic gradient against central finite differences in float64 (also ``gradcheck``'s tolerance).
 
-``scale`` multiplies ``atol`` when the compared quantities are far from 1 (costs of size ``z**p``, say).
+``scale`` multiplies ``atol`` when the compared quantities are far from 1 (costs of size ``z**p``, say);
+``scale=0.0`` keeps only the relative part.
 ``approx`` is the same table for ``pytest.approx``.
 
 Low precision (bf16, fp16) is judged against PyTorch's own error at that precision, not against a fixed number:
