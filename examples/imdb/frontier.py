@@ -6,9 +6,12 @@ every method and several seeds, so that rewards can be compared at matched KL.
 
 Parts (``--parts``, all by default):
 
-- ``frontier``: every method in :data:`~examples.imdb.losses.METHODS` times every
-  ``--betas`` value times every ``--seeds`` seed; one row per (method, beta, seed) in
-  ``frontier.csv``, plus the reference policy once per seed (``beta`` empty, KL 0).
+- ``frontier``: every method in :data:`~examples.imdb.losses.METHODS` times its beta
+  grid (:data:`BETA_GRIDS`, or ``--betas`` for every method) times every ``--seeds``
+  seed; one row per (method, beta, seed) in ``frontier.csv``, plus the reference policy
+  once per seed (``beta`` empty, KL 0). The grids differ so that every method's KL range
+  meets the others': the AOT losses stay far from the reference unless ``beta`` is
+  large, IPO stays close unless ``beta`` is small.
 - ``batch_size``: paired AOT at each ``--batch-sizes`` value under two designs, a
   fixed number of training samples seen (``design=samples``: ``steps * 32 / batch``
   steps) and a fixed number of optimizer steps (``design=steps``); rows in
@@ -54,7 +57,13 @@ from .losses import METHODS
 __all__ = ["build_parser", "experiment_config", "main", "make_tasks", "task_key"]
 
 PARTS = ("frontier", "batch_size", "global_batch", "repro")
-DEFAULT_BETAS = (0.03, 0.1, 0.3, 1.0, 3.0)
+_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
+#: the frontier's beta grid per method (chosen from a first pass over ``_GRID`` so that the KL ranges overlap)
+BETA_GRIDS: dict[str, tuple[float, ...]] = {
+    **{m: _GRID for m in METHODS},
+    **{m: (*_GRID, 10.0) for m in ("aot_paired", "aot_unpaired", "plot_aot")},
+    "ipo": (0.01, *_GRID),
+}
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 DEFAULT_BATCH_SIZES = (8, 16, 32, 64, 128)
 BASE_BATCH = 32  # the frontier's batch, the samples design's reference batch and the global batch
@@ -97,7 +106,10 @@ def task_key(t: dict) -> str:
 def make_tasks(
     parts, methods, betas, seeds, batch_sizes, steps: int, beta: float, base_batch: int = BASE_BATCH
 ) -> list[dict]:
-    """The single-process cells, seed by seed (so a partial sweep has whole grids for its first seeds)."""
+    """The single-process cells, seed by seed (so a partial sweep has whole grids for its first seeds).
+
+    ``betas`` is one grid for every method, or ``None`` for :data:`BETA_GRIDS`.
+    """
     out = []
 
     def add(part, design, method, b, seed, bs, n_steps):
@@ -106,8 +118,8 @@ def make_tasks(
     for seed in seeds:
         if "frontier" in parts:
             add("frontier", "frontier", "reference", None, seed, base_batch, 0)
-            for b in betas:
-                for m in methods:
+            for m in methods:
+                for b in BETA_GRIDS[m] if betas is None else betas:
                     add("frontier", "frontier", m, b, seed, base_batch, steps)
         if "batch_size" in parts:
             for bs in batch_sizes:
@@ -337,18 +349,13 @@ def run(args: argparse.Namespace) -> int:
         from tqdm.auto import tqdm
 
         with mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(cfg, n_eval)) as pool:
-            pending: dict[str, np.ndarray] = {}
             bar = tqdm(pool.imap_unordered(_run_task, todo), total=len(todo), disable=args.no_progress, file=sys.stderr)
             for row, rewards in bar:
+                # the rewards first: a row in a CSV (a cell that resuming skips) always has its samples saved
+                _save_rewards(rew, {task_key(row): rewards})
                 path = {"batch_size": bs_csv, "repro": rep_csv}.get(row["part"], fr)
                 _append(path, BATCH_COLUMNS if path is bs_csv else FRONTIER_COLUMNS, row)
-                pending[task_key(row)] = rewards
-                if len(pending) >= 10:
-                    _save_rewards(rew, pending)
-                    pending = {}
                 bar.set_postfix_str(f"{row['method']} beta={row['beta']} seed={row['seed']} kl={row['kl']:.1f}")
-            if pending:
-                _save_rewards(rew, pending)
     if "global_batch" in args.parts:
         gtasks = [
             dict(
@@ -367,9 +374,9 @@ def run(args: argparse.Namespace) -> int:
         if gtasks:
             print(f"{len(gtasks)} two-process cells", flush=True)
             results = _run_global(cfg, n_eval, gtasks, out)
+            _save_rewards(rew, {task_key(r): x for r, x in results})
             for row, _ in results:
                 _append(bs_csv, BATCH_COLUMNS, row)
-            _save_rewards(rew, {task_key(r): x for r, x in results})
     wall = time.perf_counter() - t0
     meta["runs"][-1]["wall_seconds"] = round(wall, 1)
     meta["runs"][-1]["cells"] = len(todo)
@@ -439,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--size", choices=("tiny", "small"), default="small", help="demo preset")
     r.add_argument("--parts", type=_choices(PARTS, "part"), default=PARTS, help=f"comma-separated subset of {PARTS}")
     r.add_argument("--methods", type=_choices(tuple(METHODS), "method"), default=tuple(METHODS))
-    r.add_argument("--betas", type=_float_list, default=DEFAULT_BETAS, help="the frontier's beta grid")
+    r.add_argument("--betas", type=_float_list, help="one beta grid for every method (default: BETA_GRIDS, per method)")
     r.add_argument("--beta", type=_positive_float, default=0.1, help="beta of the batch-size and global-batch parts")
     r.add_argument("--seeds", type=_int_list, default=DEFAULT_SEEDS)
     r.add_argument("--batch-sizes", type=_int_list, default=DEFAULT_BATCH_SIZES)

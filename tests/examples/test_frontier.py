@@ -135,3 +135,11 @@ def test_matched_kl_interpolates_in_log_kl_within_each_seed():
     assert matched_kl(rows, "m", "mean_reward", 10.0) == [pytest.approx(0.5)]  # seed 1 does not reach KL 10
     m, lo, hi = t_interval([1.0, 2.0, 3.0])
     assert m == 2.0 and lo < 2.0 < hi
+
+
+def test_default_grids_are_per_method():
+    tasks = frontier.make_tasks(("frontier",), ("aot_paired", "ipo", "dpo"), None, (0,), (), steps=60, beta=0.1)
+    grid = {m: sorted(t["beta"] for t in tasks if t["method"] == m) for m in ("aot_paired", "ipo", "dpo")}
+    assert grid["aot_paired"] == sorted(frontier.BETA_GRIDS["aot_paired"]) and 10.0 in grid["aot_paired"]
+    assert 0.01 in grid["ipo"] and 0.01 not in grid["dpo"]
+    assert all(len(g) >= 4 for g in frontier.BETA_GRIDS.values())
