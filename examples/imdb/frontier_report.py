@@ -26,7 +26,7 @@ import torch
 
 from .losses import METHODS, REFERENCE, colors, label
 
-__all__ = ["load_rows", "matched_kl", "report", "t_interval"]
+__all__ = ["kl_targets", "load_rows", "matched_kl", "report", "t_interval"]
 
 QUANTILE_COLUMNS = (
     ("mean_reward", "mean reward"),
@@ -35,6 +35,7 @@ QUANTILE_COLUMNS = (
     ("reward_q90", "90th percentile"),
 )
 LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # quantile levels of the distributional comparison
+KL_MATCH = 1.25  # a method's beta counts as at a target KL when its mean KL is within this factor of it
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -82,6 +83,30 @@ def matched_kl(rows: list[dict], method: str, column: str, kl: float) -> list[fl
         if len(x) and x.min() <= kl <= x.max():
             vals.append(float(np.interp(math.log(kl), np.log(x), y)))
     return vals
+
+
+def kl_targets(rows: list[dict], methods: list[str], k: int = 3) -> tuple[list[float], str]:
+    """``k`` KL values to compare the methods at, log-spaced, and a sentence saying how they were chosen.
+
+    Inside the range every method's mean KL covers when there is one; otherwise inside paired AOT's
+    range (the methods compared at a KL are then those whose range covers it).
+    """
+    ranges = {m: [kl for _, kl, _ in _beta_means(rows, m) if kl > 0] for m in methods}
+    ranges = {m: (min(r), max(r)) for m, r in ranges.items() if r}
+    if not ranges:
+        return [], "No method has a positive KL."
+    lo, hi = max(r[0] for r in ranges.values()), min(r[1] for r in ranges.values())
+    if lo < hi:
+        return [float(t) for t in np.geomspace(lo, hi, k)], (
+            f"Every method's beta grid reaches mean KLs from {lo:.1f} to {hi:.1f} nats; the comparisons are at "
+            f"{k} log-spaced KLs in that range."
+        )
+    anchor = "aot_paired" if "aot_paired" in ranges else next(iter(ranges))
+    lo, hi = ranges[anchor]
+    return [float(t) for t in np.geomspace(lo, hi, k)], (
+        f"The methods' KL ranges have no common part; the comparisons are at {k} log-spaced KLs in "
+        f"{label(anchor)}'s range ({lo:.1f} to {hi:.1f} nats), each among the methods whose range covers it."
+    )
 
 
 def _holm(p: list[float]) -> list[float]:
@@ -197,7 +222,8 @@ def report(out: Path, n_bootstrap: int = 1000, figures: Path | None = None) -> i
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     seeds = sorted({r["seed"] for r in rows})
     lines = ["# Reward against KL: AOT, PLOT, DPO, IPO and KTO over beta and seeds", ""]
-    lines += _provenance_lines(meta, seeds, sorted({r["beta"] for r in rows}))
+    grids = {m: sorted({r["beta"] for r in rows if r["method"] == m}) for m in methods}
+    lines += _provenance_lines(meta, seeds, grids)
 
     # --- frontier table: per method and beta, mean KL and rewards with t-intervals
     figures = out if figures is None else figures
@@ -220,13 +246,9 @@ def report(out: Path, n_bootstrap: int = 1000, figures: Path | None = None) -> i
     lines.append("")
 
     # --- matched KL
-    lo = max(min(kl for _, kl, _ in _beta_means(rows, m)) for m in methods)
-    hi = min(max(kl for _, kl, _ in _beta_means(rows, m)) for m in methods)
-    targets = [float(t) for t in np.geomspace(lo, hi, 3)] if lo < hi else []
-    lines += ["## Rewards at matched KL", ""]
+    targets, scope = kl_targets(rows, methods)
+    lines += ["## Rewards at matched KL", "", scope, ""]
     verdicts = []
-    if not targets:
-        lines += [f"The methods' KL ranges do not overlap (largest minimum {lo:.1f}, smallest maximum {hi:.1f}).", ""]
     for target in targets:
         lines += [
             f"### KL = {target:.1f} nats",
@@ -298,7 +320,7 @@ def report(out: Path, n_bootstrap: int = 1000, figures: Path | None = None) -> i
     return 0
 
 
-def _provenance_lines(meta: dict, seeds: list[int], betas: list[float]) -> list[str]:
+def _provenance_lines(meta: dict, seeds: list[int], grids: dict[str, list[float]]) -> list[str]:
     runs = meta.get("runs", [])
     if not runs:
         return ["Provenance: unknown (no frontier_meta.json).", ""]
@@ -313,7 +335,8 @@ def _provenance_lines(meta: dict, seeds: list[int], betas: list[float]) -> list[
         f"- Sweep wall time: {wall / 60:.0f} min over {len(runs)} invocation(s), started {first['started']}.",
         f"- Setting: the demo's `{cfg['size']}` preset ({cfg['d_model']}-wide, {cfg['n_layer']}-layer character GPT), "
         f"{cfg['align_steps']} alignment steps of batch 32 at learning rate {cfg['lr']:g}, "
-        f"{cfg['n_eval_prompts_used']} held-out prompts; seeds {seeds}; betas {[float(f'{b:g}') for b in betas]}.",
+        f"{cfg['n_eval_prompts_used']} held-out prompts; seeds {seeds}.",
+        "- Beta grids: " + "; ".join(f"{label(m)} {', '.join(f'{b:g}' for b in g)}" for m, g in grids.items()) + ".",
         "- Command: `python -m examples.imdb.frontier run`, then `python -m examples.imdb.frontier report`.",
         "",
     ]
@@ -342,10 +365,16 @@ def _dominance_section(rows, methods, targets, rewards, n_bootstrap, otloss) -> 
         pick = {}
         for m in methods:
             b, kl, rs = min(_beta_means(rows, m), key=lambda t: abs(math.log(max(t[1], 1e-9)) - math.log(target)))
-            pick[m] = (b, kl, np.concatenate([rewards[r["key"]] for r in rs]))
+            if abs(math.log(max(kl, 1e-9)) - math.log(target)) <= math.log(KL_MATCH):
+                pick[m] = (b, kl, np.concatenate([rewards[r["key"]] for r in rs]))
+        missing = [label(m) for m in methods if m not in pick]
+        if missing:
+            lines.append(
+                f"| {target:.1f} | no beta within a factor {KL_MATCH:g} of this KL: {', '.join(missing)} | | | | | |"
+            )
         for a in aots:
             for o in methods:
-                if o == a:
+                if o == a or a not in pick or o not in pick:
                     continue
                 x, y = pick[a][2], pick[o][2]
                 res = otloss.dominance.dominance_test(
