@@ -26,7 +26,7 @@ import torch
 
 from .losses import METHODS, REFERENCE, colors, label
 
-__all__ = ["kl_targets", "load_rows", "matched_kl", "report", "t_interval"]
+__all__ = ["kl_targets", "load_rows", "matched_kl", "report", "summary_table", "t_interval"]
 
 QUANTILE_COLUMNS = (
     ("mean_reward", "mean reward"),
@@ -107,6 +107,19 @@ def kl_targets(rows: list[dict], methods: list[str], k: int = 3) -> tuple[list[f
         f"The methods' KL ranges have no common part; the comparisons are at {k} log-spaced KLs in "
         f"{label(anchor)}'s range ({lo:.1f} to {hi:.1f} nats), each among the methods whose range covers it."
     )
+
+
+def summary_table(rows: list[dict], methods: list[str], targets: list[float]) -> list[str]:
+    """Mean held-out reward at each target KL, one row per method: mean over seeds, 95% interval, seeds."""
+    head = "| method | " + " | ".join(f"KL {t:.1f}" for t in targets) + " |"
+    out = [head, "|---|" + "---:|" * len(targets)]
+    for m in methods:
+        cells = []
+        for t in targets:
+            vals = matched_kl(rows, m, "mean_reward", t)
+            cells.append(f"{_fmt_ci(*t_interval(vals))} ({len(vals)})" if len(vals) >= 2 else "-")
+        out.append(f"| {label(m)} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _holm(p: list[float]) -> list[float]:
@@ -248,6 +261,7 @@ def report(out: Path, n_bootstrap: int = 1000, figures: Path | None = None) -> i
     # --- matched KL
     targets, scope = kl_targets(rows, methods)
     lines += ["## Rewards at matched KL", "", scope, ""]
+    lines += [*summary_table(rows, methods, targets), ""]
     verdicts = []
     for target in targets:
         lines += [
