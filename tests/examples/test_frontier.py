@@ -143,3 +143,27 @@ def test_default_grids_are_per_method():
     assert grid["aot_paired"] == sorted(frontier.BETA_GRIDS["aot_paired"]) and 10.0 in grid["aot_paired"]
     assert 0.01 in grid["ipo"] and 0.01 not in grid["dpo"]
     assert all(len(g) >= 4 for g in frontier.BETA_GRIDS.values())
+
+
+def test_summary_table_and_kl_targets():
+    from examples.imdb.frontier_report import kl_targets, summary_table
+
+    rows = []
+    for seed in (0, 1):
+        rows += [
+            dict(method="dpo", seed=seed, beta=b, kl=kl, mean_reward=r + seed)
+            for b, kl, r in ((1.0, 2.0, 0.1), (0.1, 20.0, 0.5))
+        ]
+        rows += [
+            dict(method="aot_paired", seed=seed, beta=b, kl=kl, mean_reward=r)
+            for b, kl, r in ((1.0, 10.0, 0.3), (0.1, 40.0, 0.4))
+        ]
+    targets, scope = kl_targets(rows, ["aot_paired", "dpo"])
+    assert targets[0] == pytest.approx(10.0) and targets[-1] == pytest.approx(20.0) and "10.0 to 20.0" in scope
+    table = summary_table(rows, ["aot_paired", "dpo"], targets)
+    assert table[0].startswith("| method | KL 10.0") and len(table) == 4
+    assert table[2].startswith("| AOT paired | 0.300 [0.300, 0.300] (2)")
+    # disjoint ranges: the targets fall in paired AOT's range
+    far = [dict(r, kl=r["kl"] * 100) if r["method"] == "dpo" else r for r in rows]
+    targets, scope = kl_targets(far, ["aot_paired", "dpo"])
+    assert "no common part" in scope and targets[0] == pytest.approx(10.0) and targets[-1] == pytest.approx(40.0)
