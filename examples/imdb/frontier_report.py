@@ -352,6 +352,7 @@ def _provenance_lines(meta: dict, seeds: list[int], grids: dict[str, list[float]
         f"{cfg['n_eval_prompts_used']} held-out prompts; seeds {seeds}.",
         "- Beta grids: " + "; ".join(f"{label(m)} {', '.join(f'{b:g}' for b in g)}" for m, g in grids.items()) + ".",
         "- Command: `python -m examples.imdb.frontier run`, then `python -m examples.imdb.frontier report`.",
+        *([f"- Note: {meta['note']}"] if meta.get("note") else []),
         "",
     ]
 
