@@ -35,7 +35,7 @@ QUANTILE_COLUMNS = (
     ("reward_q90", "90th percentile"),
 )
 LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # quantile levels of the distributional comparison
-KL_MATCH = 1.25  # a method's beta counts as at a target KL when its mean KL is within this factor of it
+KL_MATCH = 1.25  # a beta is within a KL budget when its mean KL is at most this factor times the budget
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -66,53 +66,72 @@ def t_interval(x) -> tuple[float, float, float]:
     return m, m - h, m + h
 
 
+def efficient(points: list[tuple]) -> list[tuple]:
+    """The frontier of ``(kl, reward, ...)`` points: in KL order, those with more reward than every point of less KL.
+
+    A point with more KL and no more reward than another (a ``beta`` that moves further from the
+    reference for nothing) is not on the trade-off curve.
+    """
+    out, best = [], -math.inf
+    for p in sorted(points, key=lambda p: (p[0], -p[1])):
+        if p[1] > best:
+            out.append(p)
+            best = p[1]
+    return out
+
+
 def _per_seed_curves(rows: list[dict], method: str, column: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per seed, the KLs and ``column`` of the betas on that seed's frontier (by mean reward)."""
     out = {}
     for seed in sorted({r["seed"] for r in rows if r["method"] == method}):
-        pts = sorted((r["kl"], r[column]) for r in rows if r["method"] == method and r["seed"] == seed)
-        out[seed] = (np.array([p[0] for p in pts]), np.array([p[1] for p in pts]))
+        pts = efficient(
+            [
+                (r["kl"], r["mean_reward"], r[column])
+                for r in rows
+                if r["method"] == method and r["seed"] == seed and r["kl"] > 0
+            ]
+        )
+        out[seed] = (np.array([p[0] for p in pts]), np.array([p[2] for p in pts]))
     return out
 
 
 def matched_kl(rows: list[dict], method: str, column: str, kl: float) -> list[float]:
-    """Per seed, ``column`` interpolated at ``kl`` (linear in log KL); seeds whose range misses ``kl`` are left out."""
+    """Per seed, ``column`` at a KL budget ``kl``: the best the seed's frontier reaches within it.
+
+    The frontier (:func:`efficient`) is interpolated linearly in log KL between its betas and is
+    flat beyond its last one (a larger budget than the method uses buys nothing more). Seeds whose
+    frontier starts above ``kl`` are left out.
+    """
     vals = []
     for x, y in _per_seed_curves(rows, method, column).values():
-        ok = x > 0
-        x, y = x[ok], y[ok]
-        if len(x) and x.min() <= kl <= x.max():
-            vals.append(float(np.interp(math.log(kl), np.log(x), y)))
+        if not len(x) or x.min() > kl:
+            continue
+        vals.append(float(y[-1]) if kl >= x.max() else float(np.interp(math.log(kl), np.log(x), y)))
     return vals
 
 
 def kl_targets(rows: list[dict], methods: list[str], k: int = 3) -> tuple[list[float], str]:
-    """``k`` KL values to compare the methods at, log-spaced, and a sentence saying how they were chosen.
+    """``k`` KL budgets to compare the methods at, log-spaced, and a sentence saying how they were chosen.
 
-    Inside the range every method's mean KL covers when there is one; otherwise inside paired AOT's
-    range (the methods compared at a KL are then those whose range covers it).
+    From the largest of the methods' smallest frontier KLs (every method reaches it) to the largest
+    frontier KL of any method.
     """
-    ranges = {m: [kl for _, kl, _ in _beta_means(rows, m) if kl > 0] for m in methods}
+    ranges = {m: [kl for _, kl, _ in _frontier_betas(rows, m) if kl > 0] for m in methods}
     ranges = {m: (min(r), max(r)) for m, r in ranges.items() if r}
     if not ranges:
         return [], "No method has a positive KL."
-    lo, hi = max(r[0] for r in ranges.values()), min(r[1] for r in ranges.values())
-    if lo < hi:
-        return [float(t) for t in np.geomspace(lo, hi, k)], (
-            f"Every method's beta grid reaches mean KLs from {lo:.1f} to {hi:.1f} nats; the comparisons are at "
-            f"{k} log-spaced KLs in that range."
-        )
-    anchor = "aot_paired" if "aot_paired" in ranges else next(iter(ranges))
-    lo, hi = ranges[anchor]
-    return [float(t) for t in np.geomspace(lo, hi, k)], (
-        f"The methods' KL ranges have no common part; the comparisons are at {k} log-spaced KLs in "
-        f"{label(anchor)}'s range ({lo:.1f} to {hi:.1f} nats), each among the methods whose range covers it."
+    lo, hi = max(r[0] for r in ranges.values()), max(r[1] for r in ranges.values())
+    targets = [float(t) for t in np.geomspace(lo, hi, k)] if lo < hi else [lo]
+    return targets, (
+        f"Each method's frontier (per seed, the betas not beaten by a beta of less KL and more mean reward) "
+        f"is read at KL budgets from {lo:.1f} nats, the smallest every method reaches, to {hi:.1f}, the "
+        f"largest any reaches: interpolated linearly in log KL between its betas and flat beyond its last one."
     )
 
 
 def summary_table(rows: list[dict], methods: list[str], targets: list[float]) -> list[str]:
-    """Mean held-out reward at each target KL, one row per method: mean over seeds, 95% interval, seeds."""
-    head = "| method | " + " | ".join(f"KL {t:.1f}" for t in targets) + " |"
-    out = [head, "|---|" + "---:|" * len(targets)]
+    """Mean held-out reward at each KL budget, one row per method: mean over seeds, 95% interval, seeds."""
+    out = ["| method | " + " | ".join(f"KL {t:.1f}" for t in targets) + " |", "|---|" + "---:|" * len(targets)]
     for m in methods:
         cells = []
         for t in targets:
@@ -140,6 +159,12 @@ def _beta_means(rows: list[dict], method: str) -> list[tuple[float, float, list[
     return sorted(out, key=lambda t: t[1])
 
 
+def _frontier_betas(rows: list[dict], method: str) -> list[tuple[float, float, list[dict]]]:
+    """:func:`_beta_means` restricted to the frontier of the seed means (KL, mean reward)."""
+    means = [(kl, float(np.mean([r["mean_reward"] for r in rs])), b, rs) for b, kl, rs in _beta_means(rows, method)]
+    return [(b, kl, rs) for kl, _, b, rs in efficient(means)]
+
+
 def _plot_frontier(rows: list[dict], methods: list[str], ref_rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -153,7 +178,10 @@ def _plot_frontier(rows: list[dict], methods: list[str], ref_rows: list[dict], p
             c = col[label(m)]
             rs = [r for r in rows if r["method"] == m]
             ax.scatter([r["kl"] for r in rs], [r[column] for r in rs], s=9, alpha=0.35, color=c, linewidths=0)
-            pts = [(kl, *t_interval([r[column] for r in g])) for _, kl, g in _beta_means(rows, m)]
+            # every beta's seed mean (open markers); the line and band join the betas on the frontier
+            means = [(kl, t_interval([r[column] for r in g])[0]) for _, kl, g in _beta_means(rows, m)]
+            ax.scatter([p[0] for p in means], [p[1] for p in means], s=22, facecolors="none", edgecolors=c)
+            pts = [(kl, *t_interval([r[column] for r in g])) for _, kl, g in _frontier_betas(rows, m)]
             xs = [p[0] for p in pts]
             ax.plot(xs, [p[1] for p in pts], marker="o", ms=4, color=c, label=label(m))
             ax.fill_between(xs, [p[2] for p in pts], [p[3] for p in pts], color=c, alpha=0.15, linewidth=0)
@@ -165,7 +193,10 @@ def _plot_frontier(rows: list[dict], methods: list[str], ref_rows: list[dict], p
     for ax in axes[1]:
         ax.set_xlabel("KL(policy || reference), nats (Monte Carlo, held-out prompts)")
     axes[0, 0].legend(fontsize=8, ncol=2)
-    fig.suptitle("Reward against KL over the beta grid: seed means (lines, 95% t-bands) and single seeds (dots)")
+    fig.suptitle(
+        "Reward against KL over each method's beta grid: seed means (circles), the frontier of the betas not "
+        "beaten by one of less KL\n(lines, 95% t-bands over seeds) and single seeds (dots)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -260,12 +291,12 @@ def report(out: Path, n_bootstrap: int = 1000, figures: Path | None = None) -> i
 
     # --- matched KL
     targets, scope = kl_targets(rows, methods)
-    lines += ["## Rewards at matched KL", "", scope, ""]
+    lines += ["## Rewards at matched KL (within a KL budget)", "", scope, ""]
     lines += [*summary_table(rows, methods, targets), ""]
     verdicts = []
     for target in targets:
         lines += [
-            f"### KL = {target:.1f} nats",
+            f"### KL budget {target:.1f} nats",
             "",
             "| method | seeds | " + " | ".join(t for _, t in QUANTILE_COLUMNS) + " |",
             "|---|---:|" + "---:|" * len(QUANTILE_COLUMNS),
@@ -362,16 +393,17 @@ def _dominance_section(rows, methods, targets, rewards, n_bootstrap, otloss) -> 
     if not aots or not targets:
         return []
     lines = [
-        "## Does AOT's reward distribution dominate the others' at matched KL?",
+        "## Does AOT's reward distribution dominate the others' within the same KL budget?",
         "",
-        "For each method, the beta whose mean KL is nearest the target (log scale); the held-out rewards "
-        "of its seeds pooled. `ratio` is the first-order violation ratio of AOT over the other method "
+        "For each method, the beta of its frontier (seed means) with the most reward among those whose mean "
+        f"KL is at most {KL_MATCH:g} times the budget; the held-out rewards of its seeds pooled. "
+        "`ratio` is the first-order violation ratio of AOT over the other method "
         "(`otloss.dominance.dominance_test`, squared-hinge cost: 0 = AOT dominates, 0.5 = neither, "
         f"1 = the other dominates) with its 95% bootstrap interval ({n_bootstrap} replicates). "
         "`quantiles` counts the levels 0.05, 0.10, ..., 0.95 where the 95% bootstrap interval of "
         "Q_AOT - Q_other is above 0 / contains 0 / is below 0.",
         "",
-        "| KL target | AOT | vs | KL (AOT / other) | ratio [95% CI] | relative dominance | quantiles + / 0 / - |",
+        "| KL budget | AOT | vs | KL (AOT / other) | ratio [95% CI] | relative dominance | quantiles + / 0 / - |",
         "|---:|---|---|---|---|---|---|",
     ]
     gen = torch.Generator().manual_seed(0)
@@ -379,13 +411,14 @@ def _dominance_section(rows, methods, targets, rewards, n_bootstrap, otloss) -> 
     for target in targets:
         pick = {}
         for m in methods:
-            b, kl, rs = min(_beta_means(rows, m), key=lambda t: abs(math.log(max(t[1], 1e-9)) - math.log(target)))
-            if abs(math.log(max(kl, 1e-9)) - math.log(target)) <= math.log(KL_MATCH):
+            within = [t for t in _frontier_betas(rows, m) if t[1] <= KL_MATCH * target]
+            if within:  # the frontier's last beta within the budget: its most rewarded one
+                b, kl, rs = within[-1]
                 pick[m] = (b, kl, np.concatenate([rewards[r["key"]] for r in rs]))
         missing = [label(m) for m in methods if m not in pick]
         if missing:
             lines.append(
-                f"| {target:.1f} | no beta within a factor {KL_MATCH:g} of this KL: {', '.join(missing)} | | | | | |"
+                f"| {target:.1f} | no frontier beta within {KL_MATCH:g} x this budget: {', '.join(missing)} | | | | | |"
             )
         for a in aots:
             for o in methods:

