@@ -1,14 +1,16 @@
 """Analysis of ``python -m examples.imdb.frontier run``: plots, matched-KL comparisons, dominance tests.
 
-Statistics, all over seeds unless said otherwise (a seed is one independent alignment run):
+Statistics, all over seeds unless said otherwise (a seed is one independent alignment run);
+SciPy, which the demo extra installs with scikit-learn, gives the t and Welch tests:
 
 - Bands and intervals are Student-t 95% intervals of a mean over the seeds.
-- Rewards at a matched KL: each seed's (KL, reward) points over the beta grid are
-  interpolated linearly in log KL; a method is compared only inside its own KL range.
-  Two methods are compared with Welch's t-test over seeds, and the p-values of all
-  pairs at one KL get Holm's correction.
-- The distributional claim: for each method the beta whose mean KL is closest to the
-  target (in log KL), the held-out rewards of its seeds pooled, then
+- A method's frontier on one seed: the betas that no other beta beats with less KL and more
+  mean reward (:func:`efficient`), interpolated linearly in log KL.
+- Rewards at a matched KL are read as a budget: the frontier at that KL, flat beyond its last
+  point (:func:`matched_kl`). Two methods are compared with Welch's t-test over seeds, and
+  the p-values of all pairs at one budget get Holm's correction.
+- The distributional claim: for each method the frontier beta (seed means) with the most
+  reward within 1.25 times the budget, the held-out rewards of its seeds pooled, then
   ``otloss.dominance.dominance_test`` (first-order violation ratio, squared-hinge cost,
   bootstrap interval) and bootstrap intervals of the quantile differences. The bootstrap
   resamples the pooled rewards, so it treats the seeds as one population.
