@@ -34,12 +34,56 @@ from otloss.functional import (
 __all__ = ["AOTLoss", "FSDViolation", "OTLoss"]
 
 
-class OTLoss(nn.Module):
+def _global_option(
+    global_batch: object, sort: object, reduction: object, backend: object, validate_args: object, group, memory
+) -> bool | str:
+    """``global_batch`` checked with the other options: ``True``, ``False`` or ``"auto"``."""
+    auto = isinstance(global_batch, str)
+    if auto and global_batch != "auto":
+        raise ValueError(f"global_batch must be True, False or 'auto', got {global_batch!r}")
+    _, _, checked = _check_options(
+        sort, reduction, backend, validate_args, True if auto else global_batch, group, memory
+    )
+    return "auto" if auto else checked
+
+
+class _RankAware(nn.Module):
+    """What :class:`OTLoss` and :class:`AOTLoss` share: ``global_batch="auto"`` and a training-only ``memory``."""
+
+    global_batch: bool | str
+    group: object | None
+    memory: QuantileMemory | None
+
+    def is_global(self) -> bool:
+        """Whether the next call sorts across ranks: ``global_batch=True``, or ``"auto"`` with several ranks."""
+        if self.global_batch != "auto":
+            return bool(self.global_batch)
+        dist = torch.distributed
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1
+
+    def _call_options(self) -> dict[str, object]:
+        gathers = self.is_global()
+        return {
+            "global_batch": gathers,
+            "group": self.group if gathers else None,
+            "memory": self.memory if self.training else None,
+        }
+
+
+class OTLoss(_RankAware):
     """``OT_h(u, v)`` as a module; see :func:`otloss.ot_h_1d`.
+
+    ``memory`` and ``global_batch`` behave as in :class:`AOTLoss`: the memory is used in
+    training mode only, and ``global_batch="auto"`` sorts across ranks only with an
+    initialised process group of more than one rank.
 
     Example:
         >>> loss_fn = OTLoss("abs_pow")
         >>> loss = loss_fn(u, v)  # u: [batch, n], v: [batch, m]
+
+    Raises:
+        ValueError: ``global_batch`` is a string other than ``"auto"``; any option
+            :func:`otloss.ot_h_1d` refuses, at construction.
     """
 
     def __init__(
@@ -49,14 +93,14 @@ class OTLoss(nn.Module):
         sort: SortArg = "hard",
         reduction: Reduction = "mean",
         validate_args: bool | None = None,
-        global_batch: bool = False,
+        global_batch: bool | Literal["auto"] = False,
         group: object | None = None,
         memory: QuantileMemory | None = None,
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
         self.cost = get_cost(cost)
-        _, _, global_batch = _check_options(sort, reduction, backend, validate_args, global_batch, group, memory)
+        global_batch = _global_option(global_batch, sort, reduction, backend, validate_args, group, memory)
         self.sort = sort
         self.reduction = reduction
         self.validate_args = validate_args
@@ -75,10 +119,8 @@ class OTLoss(nn.Module):
             sort=self.sort,
             reduction=self.reduction,
             validate_args=self.validate_args,
-            global_batch=self.global_batch,
-            group=self.group,
-            memory=self.memory,
             backend=self.backend,
+            **self._call_options(),
         )
 
     def extra_repr(self) -> str:
@@ -123,7 +165,7 @@ class FSDViolation(nn.Module):
         return f"measure={self.measure!r}, sort={self.sort!r}, reduction={self.reduction!r}"
 
 
-class AOTLoss(nn.Module):
+class AOTLoss(_RankAware):
     """The AOT loss as a module; see :func:`otloss.aot_loss` for every argument.
 
     One object serves training and evaluation, in one process or many:
@@ -163,12 +205,7 @@ class AOTLoss(nn.Module):
         super().__init__()
         paired = as_bool(paired, "paired")
         _aot_cost(cost, beta, label_smoothing)
-        auto = isinstance(global_batch, str)
-        if auto and global_batch != "auto":
-            raise ValueError(f"global_batch must be True, False or 'auto', got {global_batch!r}")
-        checked = True if auto else global_batch
-        _, _, checked = _check_options(sort, reduction, backend, validate_args, checked, group, memory)
-        global_batch = "auto" if auto else checked
+        global_batch = _global_option(global_batch, sort, reduction, backend, validate_args, group, memory)
         self.paired = paired
         self.cost = cost
         self.beta = beta
@@ -188,7 +225,6 @@ class AOTLoss(nn.Module):
         ref_chosen_logps: Tensor,
         ref_rejected_logps: Tensor,
     ) -> Tensor:
-        gathers = self.is_global()
         return aot_loss(
             policy_chosen_logps,
             policy_rejected_logps,
@@ -201,18 +237,9 @@ class AOTLoss(nn.Module):
             sort=self.sort,
             reduction=self.reduction,
             validate_args=self.validate_args,
-            global_batch=gathers,
-            group=self.group if gathers else None,
-            memory=self.memory if self.training else None,
             backend=self.backend,
+            **self._call_options(),
         )
-
-    def is_global(self) -> bool:
-        """Whether the next call sorts across ranks: ``global_batch=True``, or ``"auto"`` with several ranks."""
-        if self.global_batch != "auto":
-            return self.global_batch
-        dist = torch.distributed
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1
 
     def extra_repr(self) -> str:
         return (

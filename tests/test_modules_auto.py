@@ -1,4 +1,4 @@
-"""``AOTLoss`` as the adapters use it: ``memory`` in training mode only, ``global_batch="auto"``.
+"""``AOTLoss`` as the adapters use it, and ``OTLoss`` alike: ``memory`` in training mode only, ``global_batch="auto"``.
 
 The multi-process case runs two gloo processes: with ``"auto"`` each rank's loss and
 gradients must equal those of ``global_batch=True`` (bitwise: the same computation),
@@ -60,6 +60,25 @@ def test_global_batch_auto_without_a_process_group_is_the_local_loss():
     # the option survives copies and pickling
     for back in (copy.deepcopy(loss_fn), pickle.loads(pickle.dumps(loss_fn))):
         assert back.global_batch == "auto" and torch.equal(back(*logps), loss_fn(*logps))
+
+
+def test_ot_loss_shares_the_training_only_memory_and_auto():
+    g = torch.Generator().manual_seed(3)
+    first = (torch.randn(4, generator=g, dtype=DT), torch.randn(3, generator=g, dtype=DT))
+    second = (torch.randn(2, generator=g, dtype=DT), torch.randn(5, generator=g, dtype=DT))
+    loss_fn = otloss.OTLoss("abs_pow", memory=otloss.QuantileMemory(), global_batch="auto")
+    assert loss_fn.global_batch == "auto" and not loss_fn.is_global()
+    loss_fn(*first)
+    both = [torch.cat([a, b]) for a, b in zip(first, second)]
+    torch.testing.assert_close(loss_fn(*second), otloss.ot_h_1d(*both, "abs_pow"), **tol(DT))
+    assert loss_fn.memory.sizes == (6, 8)
+    loss_fn.eval()
+    assert torch.equal(loss_fn(*first), otloss.ot_h_1d(*first, "abs_pow"))
+    assert loss_fn.memory.sizes == (6, 8)
+    with pytest.raises(ValueError, match=r"global_batch must be True, False or 'auto', got 'on'"):
+        otloss.OTLoss("abs_pow", global_batch="on")
+    with pytest.raises(RuntimeError, match="process group"):
+        otloss.OTLoss("abs_pow", global_batch=True)(*first)
 
 
 def test_options_checked_at_construction():
