@@ -40,6 +40,8 @@ Run from the repository root with the demo extras installed (``pip install -e ".
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import csv
 import json
 import math
@@ -153,7 +155,6 @@ def _load(cfg, n_eval: int) -> dict:
 
 
 def _init_worker(cfg, n_eval: int) -> None:
-    import contextlib
     import io
 
     with contextlib.redirect_stdout(io.StringIO()):
@@ -194,7 +195,6 @@ def _run_task(t: dict) -> tuple[dict, np.ndarray]:
 
 
 def _global_worker(rank: int, world: int, cfg, n_eval: int, tasks: list[dict], port: int, out_file: str) -> None:
-    import contextlib
     import io
 
     import torch.distributed as dist
@@ -215,7 +215,7 @@ def _global_worker(rank: int, world: int, cfg, n_eval: int, tasks: list[dict], p
         start = time.perf_counter()
         run_cfg = replace(cfg, seed=cfg.seed + 1000 * t["seed"], beta=t["beta"], align_steps=t["steps"])
         torch.manual_seed(run_cfg.seed)
-        policy = __import__("copy").deepcopy(s["ref"])
+        policy = copy.deepcopy(s["ref"])
         policy.train()
         opt = torch.optim.AdamW(policy.parameters(), lr=run_cfg.lr, weight_decay=0.0)
         gen = torch.Generator().manual_seed(run_cfg.seed + 2)  # the single-process align()'s batch order
@@ -328,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with __import__("contextlib").redirect_stdout(sys.stderr):  # build the caches once, before the workers
+    with contextlib.redirect_stdout(sys.stderr):  # build the caches once, before the workers
         _load(replace(cfg, threads=2), n_eval)
     tasks = make_tasks(args.parts, args.methods, args.betas, args.seeds, args.batch_sizes, cfg.align_steps, args.beta)
     fr, bs_csv, rep_csv = out / "frontier.csv", out / "batch_size.csv", out / "frontier_repro.csv"
