@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import _positive_float, _positive_int
 from .losses import METHODS
 
 __all__ = ["build_parser", "experiment_config", "main", "make_tasks", "task_key"]
@@ -386,26 +387,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- CLI
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {s}")
-    return v
 
 
 def _float_list(s: str) -> tuple[float, ...]:
