@@ -36,6 +36,8 @@ QUANTILE_COLUMNS = (
     ("reward_q50", "median"),
     ("reward_q90", "90th percentile"),
 )
+REWARD_COLUMNS = tuple(c for c, _ in QUANTILE_COLUMNS)
+BATCH_METRICS = ("mean_reward", "kl", "violation")  # the batch-size and global-batch tables' columns
 LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # quantile levels of the distributional comparison
 KL_MATCH = 1.25  # a beta is within a KL budget when its mean KL is at most this factor times the budget
 
@@ -236,6 +238,13 @@ def _fmt_ci(m: float, lo: float, hi: float, spec: str = "{:.3f}") -> str:
     return f"{spec.format(m)} [{spec.format(lo)}, {spec.format(hi)}]"
 
 
+def _cells(rows: list[dict], columns) -> str:
+    """Table cells: each column's mean over ``rows`` with its t-interval (KL to 0.1 nat, the rest to 0.001)."""
+    return " | ".join(
+        _fmt_ci(*t_interval([r[c] for r in rows]), spec="{:.1f}" if c == "kl" else "{:.3f}") for c in columns
+    )
+
+
 def _quantile_diffs(x: np.ndarray, y: np.ndarray, n_boot: int, gen: np.random.Generator) -> list[tuple]:
     lv = np.asarray(LEVELS)
     d = np.quantile(x, lv) - np.quantile(y, lv)
@@ -282,13 +291,10 @@ def report(out: Path, n_bootstrap: int = 1000, figures: Path | None = None) -> i
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if ref_rows:
-        cells = [_fmt_ci(*t_interval([r[c] for r in ref_rows])) for c, _ in QUANTILE_COLUMNS]
-        lines.append(f"| reference | - | {len(ref_rows)} | 0 | " + " | ".join(cells) + " |")
+        lines.append(f"| reference | - | {len(ref_rows)} | 0 | {_cells(ref_rows, REWARD_COLUMNS)} |")
     for m in methods:
         for b, _, rs in sorted(_beta_means(rows, m), key=lambda t: t[0]):
-            cells = [_fmt_ci(*t_interval([r[c] for r in rs])) for c, _ in QUANTILE_COLUMNS]
-            kl = _fmt_ci(*t_interval([r["kl"] for r in rs]), spec="{:.1f}")
-            lines.append(f"| {label(m)} | {b:g} | {len(rs)} | {kl} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label(m)} | {b:g} | {len(rs)} | {_cells(rs, ('kl', *REWARD_COLUMNS))} |")
     lines.append("")
 
     # --- matched KL
@@ -471,14 +477,7 @@ def _batch_section(out: Path, rewards: dict, otloss, figures: Path) -> list[str]
     for design in ("samples", "steps"):
         for b in sorted({r["batch_size"] for r in single if r["design"] == design}):
             rs = [r for r in single if r["design"] == design and r["batch_size"] == b]
-            lines.append(
-                f"| {design} | {b} | {rs[0]['steps']} | {len(rs)} | "
-                + " | ".join(
-                    _fmt_ci(*t_interval([r[c] for r in rs]), spec="{:.3f}" if c != "kl" else "{:.1f}")
-                    for c in ("mean_reward", "kl", "violation")
-                )
-                + " |"
-            )
+            lines.append(f"| {design} | {b} | {rs[0]['steps']} | {len(rs)} | {_cells(rs, BATCH_METRICS)} |")
     lines.append("")
     for design in ("samples", "steps"):
         rs = [r for r in single if r["design"] == design]
@@ -509,14 +508,7 @@ def _batch_section(out: Path, rewards: dict, otloss, figures: Path) -> list[str]
             ("local_2proc", "each process its 16"),
         ):
             rs = [g[d][s] for s in common]
-            lines.append(
-                f"| {name} | {len(rs)} | "
-                + " | ".join(
-                    _fmt_ci(*t_interval([r[c] for r in rs]), spec="{:.3f}" if c != "kl" else "{:.1f}")
-                    for c in ("mean_reward", "kl", "violation")
-                )
-                + " |"
-            )
+            lines.append(f"| {name} | {len(rs)} | {_cells(rs, BATCH_METRICS)} |")
         if len(common) >= 2:
             diff = [g["global_2proc"][s]["mean_reward"] - g["local_2proc"][s]["mean_reward"] for s in common]
             p = float(
