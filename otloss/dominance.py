@@ -22,7 +22,6 @@ The choices otloss makes where the paper leaves room are listed in ``docs/domina
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -32,7 +31,7 @@ from torch import Tensor
 
 from otloss._validation import check_finite, compute_dtype, resolve_validate
 from otloss.costs import Cost, get_cost
-from otloss.entropic import _marginal_error, _sinkhorn_torch, entropic_ot
+from otloss.entropic import _sinkhorn_torch, _warn_unless_converged, entropic_ot
 from otloss.functional import ot_h_1d
 
 __all__ = [
@@ -380,14 +379,7 @@ class _Sampler:
         plan, f = _sinkhorn_torch(C2, a2, b2, self.eps, max_iter, tol, init=self.f0)
         if self.f0 is None:
             self.f0 = f
-        err = _marginal_error(plan, a2, b2)
-        if not err < 10 * tol:
-            warnings.warn(
-                f"entropic_ot: Sinkhorn did not converge in max_iter={max_iter} iterations (marginal error "
-                f"{err:.3g} > tol={tol:g}); raise max_iter or epsilon",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        _warn_unless_converged(plan, a2, b2, max_iter, tol, stacklevel=3)
         vals = (plan * C2).sum((-2, -1))
         return _safe_ratio(vals[0], vals[1])
 

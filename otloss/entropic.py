@@ -115,6 +115,21 @@ def _marginal_error(plan: Tensor, a: Tensor, b: Tensor) -> float:
     return float(torch.maximum(ea, eb).max())
 
 
+def _warn_unless_converged(plan: Tensor, a: Tensor, b: Tensor, max_iter: int, tol: float, stacklevel: int) -> None:
+    """Warn (``RuntimeWarning``) when the plan's marginal error is not below ``10 * tol``.
+
+    ``stacklevel`` counts from the caller of this function, as for :func:`warnings.warn`.
+    """
+    err = _marginal_error(plan, a, b)
+    if not err < 10 * tol:
+        warnings.warn(
+            f"entropic_ot: Sinkhorn did not converge in max_iter={max_iter} iterations (marginal error "
+            f"{err:.3g} > tol={tol:g}); raise max_iter or epsilon",
+            RuntimeWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+
 def _sinkhorn_torch(
     C: Tensor, a: Tensor, b: Tensor, eps: float, max_iter: int, tol: float, init: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -315,14 +330,7 @@ def entropic_ot(
                 plan = _sinkhorn_pot(Cd, aw, bw, eps, max_iter, tol)
             else:
                 plan, _ = _sinkhorn_torch(Cd, aw, bw, eps, max_iter, tol)
-            err = _marginal_error(plan, aw, bw)
-            if not err < 10 * tol:
-                warnings.warn(
-                    f"entropic_ot: Sinkhorn did not converge in max_iter={max_iter} iterations (marginal error "
-                    f"{err:.3g} > tol={tol:g}); raise max_iter or epsilon",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            _warn_unless_converged(plan, aw, bw, max_iter, tol, stacklevel=2)
     value = _EntropicValue.apply(Cc, plan, aw, bw, eps, grad)
     value = value.to(cost.dtype)
     plan = plan.to(cost.dtype)
