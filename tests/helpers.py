@@ -79,6 +79,18 @@ requires_torchsort = pytest.mark.requires_torchsort
 requires_pot = pytest.mark.requires_pot
 
 
+def init_gloo(rank: int, world: int, port: int, timeout_s: float = 30.0) -> None:
+    """In a :func:`spawn_world` worker: one torch thread, then the gloo process group on ``127.0.0.1:port``."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+    )
+
+
 def spawn_world(worker, world: int, outdir: Path) -> list[dict]:
     """Run ``worker(rank, world, port, outdir)`` in ``world`` gloo processes; load each rank's ``rank<r>.pt``."""
     import torch.distributed as dist

@@ -10,13 +10,12 @@ ones, so that DDP's average over ``W`` ranks gives the single-process gradient.
 
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import spawn_world
+from helpers import init_gloo, spawn_world
 from tolerances import tol
 
 import otloss
@@ -152,10 +151,7 @@ def _try(fn):
 
 
 def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
-    )
+    init_gloo(rank, world, port)
     try:
         res: dict = {}
         for name, case in _cases().items():

@@ -16,13 +16,12 @@ sharded run follows the single-process trajectory.
 
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import spawn_world
+from helpers import init_gloo, spawn_world
 from otloss.integrations._common import tiny_causal_lm
 from tolerances import tol
 
@@ -153,14 +152,11 @@ def _train(model: torch.nn.Module, batch: dict[str, torch.Tensor], kw: dict, glo
 
 
 def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    torch.set_num_threads(1)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
+    init_gloo(rank, world, port, timeout_s=60)
     try:
         mesh = init_device_mesh("cpu", (world,))
         local = _slice(_batch(), rank)

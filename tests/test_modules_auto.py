@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import copy
 import pickle
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import spawn_world
+from helpers import init_gloo, spawn_world
 from tolerances import tol
 
 import otloss
@@ -100,10 +99,7 @@ def test_options_checked_at_construction():
 
 
 def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
-    )
+    init_gloo(rank, world, port)
     try:
         res: dict = {}
         local = [t.requires_grad_() for t in _logps(3 + rank, 2 + 2 * rank, seed=10 + rank)]
