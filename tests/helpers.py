@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +107,53 @@ def spawn_world(worker, world: int, outdir: Path) -> list[dict]:
         port = s.getsockname()[1]
     mp.spawn(worker, args=(world, port, str(outdir)), nprocs=world, join=True)
     return [torch.load(Path(outdir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def run_process(
+    cmd: list[str], *, cwd, env: dict[str, str] | None = None, timeout: float = 240.0, attempts: int = 1
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (a script, or a launcher and its worker processes); fail with its output if it exits non-zero.
+
+    A run still going after ``timeout`` seconds is taken as hung: each of its processes is sent
+    ``SIGABRT`` with ``PYTHONFAULTHANDLER`` set, so that every Python process prints the stack of each
+    of its threads, and the failure (or, while ``attempts`` remain, a warning before the next try)
+    carries those stacks. Multi-process CPU launches take ``attempts=2``: a rare hang of the gloo
+    launch stack must not pass unnoticed, nor stop the suite without saying where it hung.
+    """
+    import warnings
+
+    env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1", "PYTHONUNBUFFERED": "1"}
+    for attempt in range(1, attempts + 1):
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            out, err = _abort_tree(proc)
+            report = f"{cmd[:4]} hung for {timeout:.0f} s (try {attempt} of {attempts}); its stacks:\n{err[-12000:]}"
+            if attempt == attempts:
+                pytest.fail(f"{report}\nstdout:\n{out[-3000:]}")
+            warnings.warn(report, RuntimeWarning, stacklevel=2)
+            continue
+        assert proc.returncode == 0, f"exit code {proc.returncode}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-6000:]}"
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    raise AssertionError("unreachable")
+
+
+def _abort_tree(proc: subprocess.Popen) -> tuple[str, str]:
+    """SIGABRT to ``proc`` and its descendants (faulthandler prints their stacks), then kill the session."""
+    import psutil
+
+    try:
+        tree = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:  # workers first: the launcher would otherwise stop them before they print
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGABRT)
+    try:
+        return proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.communicate()

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -27,6 +26,7 @@ pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
 
 import lightning.pytorch as pl
+from helpers import run_process
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from otloss.integrations._hf import (
@@ -693,9 +693,7 @@ def test_quantile_callback_writes_png_and_logs_image(tmp_path, tok, paired):
 
 def _run(cmd, cwd, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
+    return run_process(cmd, cwd=cwd, env=env, timeout=timeout, attempts=2)
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ pytest.importorskip("peft")
 
 import torch
 from datasets import Dataset
+from helpers import run_process
 from otloss.integrations import trl as otloss_trl
 from otloss.integrations.trl import AOTConfig, AOTTrainer, PLOTDPOConfig, PLOTDPOTrainer
 from peft import LoraConfig
@@ -756,8 +756,7 @@ def test_example_script_runs_offline(tmp_path, tiny_model_dir, tiny_unpaired_row
         "--report_to",
         "none",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_process(cmd, cwd=tmp_path, env=env, timeout=300)
     metrics = json.loads((out / "train_results.json").read_text())
     assert metrics["global_step"] == 3 and math.isfinite(metrics["train_loss"])
     assert (out / "adapter_config.json").exists()
