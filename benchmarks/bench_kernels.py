@@ -8,14 +8,15 @@ Two regimes:
   by op launches. Methods: ``otloss_triton`` (the fused kernel, CUDA only),
   ``otloss_torch`` (the PyTorch reference path, ``backend="torch"``), ``minimal`` (the
   least a hand-written loss does: two ``torch.sort``, ``logsigmoid``, ``mean``; the
-  baseline), ``trl_eager`` (TRL's formula as ``DPOTrainer`` writes it, with both
+  baseline), ``minimal_stable`` (the same with stable sorts, the tie order otloss
+  guarantees: its gradient among tied values is otloss's), ``trl_eager`` (TRL's formula as ``DPOTrainer`` writes it, with both
   label-smoothing terms) and ``trl_compile`` (that formula under ``torch.compile``).
   otloss runs with its default value check (``validate_args=True``).
 * ``w2``: ``OT_h`` with ``h(z) = z^2`` (squared Wasserstein-2) of ``rows x n``
   problems, ``u`` and ``v`` both requiring grad: one row, and many rows at once (sliced
   Wasserstein), where the work is bound by memory traffic. Methods: ``otloss_triton``,
   ``otloss_torch``, ``eager`` (sort twice, square the difference, mean; the baseline),
-  ``eager_compile`` and ``pot`` (``ot.wasserstein_1d`` with its torch backend, which
+  ``eager_stable`` (the same with stable sorts), ``eager_compile`` and ``pot`` (``ot.wasserstein_1d`` with its torch backend, which
   computes the same quantity).
 
 Each method is timed in three passes: ``fwd`` (the forward with grad enabled, as in
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import os
 import sys
 import time
@@ -83,8 +85,8 @@ MIN_SAMPLES = 10  # interleaved rounds per CPU measurement (5 for calls of half 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BASELINE = {"aot": "minimal", "w2": "eager"}
 METHODS = {
-    "aot": ("otloss_triton", "otloss_torch", "minimal", "trl_eager", "trl_compile"),
-    "w2": ("otloss_triton", "otloss_torch", "eager", "eager_compile", "pot"),
+    "aot": ("otloss_triton", "otloss_torch", "minimal", "minimal_stable", "trl_eager", "trl_compile"),
+    "w2": ("otloss_triton", "otloss_torch", "eager", "eager_stable", "eager_compile", "pot"),
 }
 COLUMNS = [
     "time", "commit", "device", "torch", "triton", "pot", "regime", "dtype", "rows", "n", "method", "pass",
@@ -105,14 +107,15 @@ def trl_formula(pc, pr, rc, rr, beta=BETA, label_smoothing=0.0):
     return per_sequence_loss.mean()
 
 
-def minimal_formula(pc, pr, rc, rr, beta=BETA):
+def minimal_formula(pc, pr, rc, rr, beta=BETA, stable=False):
     """The least a hand-written paired AOT loss does: two sorts, ``logsigmoid``, ``mean``."""
-    return -F.logsigmoid(beta * (torch.sort(pc - pr).values - torch.sort(rc - rr).values)).mean()
+    u, v = torch.sort(pc - pr, stable=stable).values, torch.sort(rc - rr, stable=stable).values
+    return -F.logsigmoid(beta * (u - v)).mean()
 
 
-def eager_w2(u, v):
-    us, _ = torch.sort(u, dim=-1)
-    vs, _ = torch.sort(v, dim=-1)
+def eager_w2(u, v, stable=False):
+    us, _ = torch.sort(u, dim=-1, stable=stable)
+    vs, _ = torch.sort(v, dim=-1, stable=stable)
     return (us - vs).square().mean()
 
 
@@ -201,7 +204,15 @@ def _case(regime: str, method: str, rows: int, n: int, dtype: torch.dtype, devic
             def loss():
                 return otloss.aot_loss(pc, pr, rc, rr, beta=BETA, backend=backend)
         else:
-            formula = {"trl_compile": _compiled(trl_formula), "trl_eager": trl_formula}.get(method, minimal_formula)
+            formula = (
+                _compiled(trl_formula)
+                if method == "trl_compile"
+                else {
+                    "trl_eager": trl_formula,
+                    "minimal": minimal_formula,
+                    "minimal_stable": functools.partial(minimal_formula, stable=True),
+                }[method]
+            )
 
             def loss():
                 return formula(pc, pr, rc, rr)
@@ -216,7 +227,11 @@ def _case(regime: str, method: str, rows: int, n: int, dtype: torch.dtype, devic
         def loss():
             return otloss.ot_h_1d(u, v, cost, backend=backend)
     else:
-        formula = _compiled(eager_w2) if method == "eager_compile" else {"eager": eager_w2, "pot": pot_w2}[method]
+        formula = (
+            _compiled(eager_w2)
+            if method == "eager_compile"
+            else {"eager": eager_w2, "eager_stable": functools.partial(eager_w2, stable=True), "pot": pot_w2}[method]
+        )
 
         def loss():
             return formula(u, v)

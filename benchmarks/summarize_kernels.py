@@ -20,7 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CSV = ROOT / "benchmarks" / "results" / "kernels.csv"
 BEGIN, END = "<!-- kernels-table:begin -->", "<!-- kernels-table:end -->"
-METHOD_ORDER = ("otloss_triton", "otloss_torch", "minimal", "trl_eager", "trl_compile", "eager", "eager_compile", "pot")
+METHOD_ORDER = (
+    "otloss_triton", "otloss_torch", "minimal", "minimal_stable", "trl_eager", "trl_compile",
+    "eager", "eager_stable", "eager_compile", "pot",
+)  # fmt: skip
 REGIME_TITLE = {
     "aot": (
         "Paired AOT loss (logistic, beta 0.01) from four log-prob vectors (n = 1: the per-call overhead); "

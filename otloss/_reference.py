@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from otloss.costs import Cost
+from otloss.costs import AbsPow, Cost, LeastSquares, Logistic
 
 #: CPU float32 inputs with at least this many elements are sorted with NumPy keys
 NUMPY_SORT_MIN = 2048
@@ -89,20 +89,67 @@ def sort_with_index(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.sort(x, dim=-1, stable=True)
 
 
-def value_and_scaled_grad(cost: Cost, z: Tensor) -> tuple[Tensor, Tensor]:
-    """``(h(z), h'(z) / n)`` for ``z [..., n]``, sharing work for the AOT hot path.
+_SCALARS: dict[tuple, Tensor | tuple[Tensor, ...]] = {}
+_SCALARS_MAX = 4096
 
-    The logistic cost without label smoothing (paired AOT's default) takes one ``logsigmoid``
-    for both: ``h = -logsigmoid(beta z)`` (bitwise what ``cost.h`` computes) and
-    ``h'(z) = -beta sigmoid(-beta z) = beta expm1(logsigmoid(beta z))``; every other cost
-    calls :meth:`Cost.value_and_grad`.
+
+def scalar(value: float, like: Tensor) -> Tensor:
+    """``value`` as a cached 0-dim CPU tensor in ``like``'s dtype, an operand on any device.
+
+    A Python number operand is wrapped in a new tensor on every call (about 1 us of the hot path's
+    few tens on the CPU); the cached tensor skips that and gives the same result: a Python float
+    operand is rounded to the tensor's dtype as well.
+    """
+    key = (value, like.dtype)
+    t = _SCALARS.get(key)
+    if t is None:
+        t = torch.tensor(value, dtype=like.dtype)
+        if len(_SCALARS) < _SCALARS_MAX:
+            _SCALARS[key] = t
+    return t
+
+
+def _hot_scalars(key: tuple, values: tuple[float, ...], like: Tensor) -> tuple[Tensor, ...]:
+    """The hot path's constants for ``key`` (cost parameters, ``n``, dtype) as cached 0-dim tensors."""
+    hit = _SCALARS.get(key)
+    if hit is None:
+        hit = tuple(scalar(x, like) for x in values)
+        if len(_SCALARS) < _SCALARS_MAX:
+            _SCALARS[key] = hit
+    return hit
+
+
+def mean_and_scaled_grad(cost: Cost, z: Tensor) -> tuple[Tensor, Tensor]:
+    """``(mean_i h(z_i), h'(z) / n)`` for ``z [..., n]``: each row's cost and the gradient it scatters.
+
+    The two hot costs share work. The logistic cost without label smoothing (paired AOT's default)
+    takes one ``logsigmoid`` for both: ``h = -logsigmoid(beta z)`` (bitwise what ``cost.h`` computes;
+    the mean is the sum divided by ``n``, as ``Tensor.mean`` computes it) and
+    ``h'(z) = -beta sigmoid(-beta z) = beta expm1(logsigmoid(beta z))``. ``abs_pow(2)`` (W2) takes one
+    dot product per row. Every other cost calls :meth:`Cost.value_and_grad`.
     """
     n = z.shape[-1]
-    if cost.kernel_id == 0 and not cost.params["label_smoothing"]:
-        beta = cost.params["beta"]
-        log_sig = F.logsigmoid(z * beta)
-        return log_sig.neg(), torch.expm1(log_sig).mul_(beta / n)
-    return cost.value_and_grad(z, 1.0 / n)
+    kind = type(cost)
+    if kind is Logistic and not cost.ls:
+        beta = cost.beta
+        b, neg_n, b_n = _hot_scalars((0, beta, n, z.dtype), (beta, -n, beta / n), z)
+        log_sig = F.logsigmoid(z * b)
+        return torch.div(log_sig.sum(-1), neg_n), torch.expm1(log_sig).mul_(b_n)
+    if kind is AbsPow and cost.p == 2.0:
+        n_, two_n = _hot_scalars((4, 2.0, n, z.dtype), (n, 2.0 / n), z)
+        return torch.div(torch.linalg.vecdot(z, z), n_), z * two_n
+    h, d = cost.value_and_grad(z, 1.0 / n)
+    return h.mean(dim=-1), d
+
+
+def finite_probe(cost: Cost, z: Tensor, rows: Tensor) -> Tensor:
+    """A tensor whose sum is finite only if ``z`` is (a NaN or Inf in ``z`` makes it NaN or Inf).
+
+    ``rows`` (the rows' costs, or their sum or mean) serves when ``h`` is finite exactly on finite ``z``
+    and non-negative (``abs_pow``, ``least_squares``: no cancellation); otherwise ``z`` itself. A finite ``z`` may still
+    give a non-finite probe (an overflowing cost): the caller then checks the inputs themselves.
+    """
+    return rows if type(cost) in (AbsPow, LeastSquares) else z
 
 
 def check_sum(z: Tensor, check_values: Callable[[], None] | None) -> None:
@@ -129,10 +176,18 @@ class SortedOT(torch.autograd.Function):
         us, pu = sort_with_index(a)
         vs, pv = sort_with_index(b)
         z = us - vs
-        if check_values is not None and not math.isfinite(z.sum().item()):  # grad is off here: no detach
-            check_values()
-        h, d = value_and_scaled_grad(cost, z)
-        rows = h.mean(dim=-1)
+        rows, d = mean_and_scaled_grad(cost, z)
+        out, ctx.reduce = rows, None
+        if reduction != "none" and rows.dim() > 0:  # the sum, divided by the count for the mean (as mean does)
+            ctx.reduce = (reduction, rows.shape)
+            count = rows.numel()
+            out = rows.sum()
+            if reduction == "mean" and count > 1:
+                out = torch.div(out, scalar(count, out))
+        if check_values is not None:  # grad is off here: no detach
+            probe = finite_probe(cost, z, out)
+            if not math.isfinite((probe if probe.dim() == 0 else probe.sum()).item()):
+                check_values()
         need = ctx.needs_input_grad
         need_a = need[0] or (len(need) > 4 and need[4])
         need_b = need[1] or (len(need) > 5 and need[5])
@@ -146,11 +201,7 @@ class SortedOT(torch.autograd.Function):
         ctx.perms = (pu, pv)
         ctx.save_for_backward(u, v, u2, v2)
         ctx.cost = cost
-        ctx.reduce = None
-        if reduction != "none" and rows.dim() > 0:
-            ctx.reduce = (reduction, rows.shape)
-            rows = rows.mean() if reduction == "mean" else rows.sum()
-        return rows
+        return out
 
     @staticmethod
     def backward(ctx, grad_rows: Tensor):
@@ -170,7 +221,8 @@ class SortedOT(torch.autograd.Function):
         gu, gv = ctx.grads
         if ctx.reduce is not None:  # each row's gradient: grad (sum) or grad / rows (mean), as autograd gives
             reduction, shape = ctx.reduce
-            g = grad_rows / shape.numel() if reduction == "mean" else grad_rows
+            count = shape.numel()
+            g = torch.div(grad_rows, scalar(count, grad_rows)) if reduction == "mean" and count > 1 else grad_rows
         else:
             g = grad_rows if grad_rows.dim() == 0 else grad_rows.unsqueeze(-1)
         ga = gu * g if gu is not None else None

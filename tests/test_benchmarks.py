@@ -43,7 +43,10 @@ def test_quick_cpu_run_writes_every_case_method_and_pass(quick_csv):
     got = {(r["regime"], int(r["rows"]), int(r["n"]), r["method"], r["pass"]) for r in rows}
     cases = [("aot", 1, n) for n in bench.QUICK_SIZES] + [("w2", 1, n) for n in bench.QUICK_SIZES]
     cases += [("w2", r, n) for r, n in bench.QUICK_BATCHED]
-    methods = {"aot": ("otloss_torch", "minimal", "trl_eager"), "w2": ("otloss_torch", "eager", "pot")}
+    methods = {
+        "aot": ("otloss_torch", "minimal", "minimal_stable", "trl_eager"),
+        "w2": ("otloss_torch", "eager", "eager_stable", "pot"),
+    }
     want = {(g, r, n, m, p) for g, r, n in cases for m in methods[g] for p in ("fwd", "bwd", "full")}
     assert got == want  # no kernel rows without a GPU, no torch.compile rows by default on the CPU
     for r in rows:
@@ -76,6 +79,24 @@ def test_trl_formula_is_what_the_reference_path_computes():
     torch.testing.assert_close(bench.eager_w2(u, v), otloss.ot_h_1d(u, v, otloss.abs_pow(2.0)))
     pytest.importorskip("ot")
     torch.testing.assert_close(bench.pot_w2(u, v), bench.eager_w2(u, v))
+
+
+def test_the_stable_formulas_give_otloss_gradient_among_ties():
+    # the stable-sort baselines compute what otloss computes, tie order included; the plain ones need not
+    import otloss
+
+    bench = _load("bench_kernels")
+    ties = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, -0.0, 2.0, 0.0], dtype=torch.float64)
+    pc, pr = ties.clone().requires_grad_(True), torch.zeros(8, dtype=torch.float64, requires_grad=True)
+    rc, rr = torch.arange(8.0, dtype=torch.float64), torch.zeros(8, dtype=torch.float64)
+    ours = torch.autograd.grad(otloss.aot_loss(pc, pr, rc, rr, beta=bench.BETA), (pc, pr))
+    stable = torch.autograd.grad(bench.minimal_formula(pc, pr, rc, rr, stable=True), (pc, pr))
+    for a, b in zip(ours, stable):
+        torch.testing.assert_close(a, b, **tol(torch.float64, "ulp"))
+    u, v = ties.reshape(1, 8).requires_grad_(True), torch.arange(8.0, dtype=torch.float64).reshape(1, 8)
+    ours = torch.autograd.grad(otloss.ot_h_1d(u, v, otloss.abs_pow(2.0)), u)[0]
+    stable = torch.autograd.grad(bench.eager_w2(u, v, stable=True), u)[0]
+    torch.testing.assert_close(ours, stable, **tol(torch.float64, "ulp"))
 
 
 def test_bench_refuses_a_missing_gpu():

@@ -192,6 +192,33 @@ def test_each_non_finite_input_is_named(n, bad, grad):
             otloss.ot_h_1d(u, v, otloss.logistic(1.0))
 
 
+@pytest.mark.parametrize(
+    "cost",
+    [otloss.logistic(1.0), otloss.hinge(), otloss.squared_hinge(), otloss.least_squares(0.5),
+     otloss.abs_pow(1.0), otloss.abs_pow(2.0), otloss.abs_pow(3.0)],
+    ids=repr,
+)  # fmt: skip
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(6,), (1, 6), (3, 6)])
+def test_the_loss_node_finds_each_non_finite_value_for_every_cost(cost, reduction, shape):
+    # the node tests one cheap probe (the costs of the rows where h is finite exactly on finite z, else z
+    # itself) and checks the inputs when it is not finite: +inf or -inf in either input, under each cost
+    # (the hinge family and the logistic cost are finite at one infinity), and NaN
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        for name in ("u", "v"):
+            u, v = torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True)
+            with torch.no_grad():
+                (u if name == "u" else v)[..., 2] = bad
+            with pytest.raises(ValueError, match=f"{name} contains non-finite"):
+                otloss.ot_h_1d(u, v, cost, reduction=reduction)
+    # finite inputs whose cost overflows float32: IEEE inf (or a finite value), never an error
+    u = torch.full(shape, 1e30, requires_grad=True)
+    out = otloss.ot_h_1d(u, torch.full(shape, -1e30), cost, reduction=reduction)
+    assert not torch.isnan(out).any()
+    out.sum().backward()
+    assert not torch.isnan(u.grad).any()
+
+
 def test_finite_inputs_whose_margins_overflow_are_let_through():
     big = torch.full((4,), 3e38)
     out = otloss.aot_loss(big, -big, torch.zeros(4), torch.zeros(4), cost="least_squares")
@@ -254,15 +281,33 @@ def test_a_rejected_micro_batch_leaves_the_memory_as_it_was():
 @pytest.mark.parametrize("beta", [1e-3, 0.01, 1.0, 30.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_logistic_hot_path_value_and_gradient(beta, dtype):
-    # one logsigmoid for h and h' (h' = beta expm1(logsigmoid(beta z))): h bitwise as cost.h computes it
-    # (so values agree with TRL's formula to the last bit), h'/n as the cost's own derivative
+    # one logsigmoid for h and h' (h' = beta expm1(logsigmoid(beta z))): each row's mean of h bitwise as
+    # cost.h(z).mean() computes it (so values agree with TRL's formula to the last bit), h'/n as the
+    # cost's own derivative
     z = torch.cat([torch.linspace(-3000, 3000, 2001, dtype=dtype), torch.tensor([0.0, -0.0, 1e-30], dtype=dtype)])
     cost = otloss.logistic(beta)
-    h, d = _reference.value_and_scaled_grad(cost, z)
-    assert torch.equal(h, cost.h(z))
-    # below the smallest normal number (float32 denormals) the error is absolute
-    torch.testing.assert_close(d, cost.dh(z) / z.numel(), rtol=tol(dtype, "ulp")["rtol"], atol=torch.finfo(dtype).tiny)
+    for rows_of in (z, z.reshape(4, -1), z[:7]):
+        mean, d = _reference.mean_and_scaled_grad(cost, rows_of)
+        assert torch.equal(mean, cost.h(rows_of).mean(dim=-1))
+        # below the smallest normal number (float32 denormals) the error is absolute
+        torch.testing.assert_close(
+            d, cost.dh(rows_of) / rows_of.shape[-1], rtol=tol(dtype, "ulp")["rtol"], atol=torch.finfo(dtype).tiny
+        )
     smoothed = otloss.logistic(beta, 0.1)  # label smoothing: the cost's own value_and_grad
-    h, d = _reference.value_and_scaled_grad(smoothed, z)
-    torch.testing.assert_close(h, smoothed.h(z), rtol=0, atol=0)
+    mean, d = _reference.mean_and_scaled_grad(smoothed, z)
+    torch.testing.assert_close(mean, smoothed.h(z).mean(), rtol=0, atol=0)
     torch.testing.assert_close(d, smoothed.dh(z) / z.numel())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_w2_hot_path_value_and_gradient(dtype):
+    # abs_pow(2): one dot product per row (summed in another order than square().mean(): to rounding)
+    z = torch.randn(3, 1000, dtype=dtype, generator=torch.Generator().manual_seed(0)) * 100
+    cost = otloss.abs_pow(2.0)
+    mean, d = _reference.mean_and_scaled_grad(cost, z)
+    torch.testing.assert_close(mean, cost.h(z).mean(dim=-1), **tol(dtype, "value"))
+    torch.testing.assert_close(d, cost.dh(z) / z.shape[-1], **tol(dtype, "ulp"))
+    for other in (otloss.abs_pow(2.5), otloss.hinge(0.1)):  # the cost's own value_and_grad
+        mean, d = _reference.mean_and_scaled_grad(other, z)
+        torch.testing.assert_close(mean, other.h(z).mean(dim=-1), rtol=0, atol=0)
+        torch.testing.assert_close(d, other.dh(z) / z.shape[-1])
