@@ -15,7 +15,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SUFFIXES = {".py", ".md", ".toml", ".yaml", ".yml", ".sh", ".cfg", ".txt", ".in"}
-SKIP_DIRS = {".git", ".venv", ".venv-latest", ".venv-lock", "build", "dist", "site", "outputs", ".pytest_cache", ".hypothesis"}
+SKIP_DIRS = {
+    ".git",
+    ".venv",
+    ".venv-latest",
+    ".venv-lock",
+    "build",
+    "dist",
+    "site",
+    "outputs",
+    ".pytest_cache",
+    ".hypothesis",
+}
 FORBIDDEN = {"otloss"}  # the unrelated project on the registry
 COMMAND = re.compile(r"pip3?\s+install\s+([^\n`\"]*(?:\"[^\"\n]*\"[^\n`\"]*)*)")
 
