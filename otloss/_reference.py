@@ -93,13 +93,22 @@ _SCALARS: dict[tuple, Tensor | tuple[Tensor, ...]] = {}
 _SCALARS_MAX = 4096
 
 
-def scalar(value: float, like: Tensor) -> Tensor:
+def _plain(like: Tensor) -> bool:
+    """Whether ``like`` is a plain tensor in eager mode (not a fake, functional or other subclass, not traced)."""
+    return not torch.compiler.is_compiling() and type(like) is Tensor and not like.is_inference()
+
+
+def scalar(value: float, like: Tensor) -> Tensor | float:
     """``value`` as a cached 0-dim CPU tensor in ``like``'s dtype, an operand on any device.
 
     A Python number operand is wrapped in a new tensor on every call (about 1 us of the hot path's
     few tens on the CPU); the cached tensor skips that and gives the same result: a Python float
-    operand is rounded to the tensor's dtype as well.
+    operand is rounded to the tensor's dtype as well. For anything but a plain eager tensor (fake
+    tensors, tracing, inference tensors) the Python number itself is returned, so that no cached
+    tensor ever meets, or is made under, another tensor mode.
     """
+    if not _plain(like):
+        return value
     key = (value, like.dtype)
     t = _SCALARS.get(key)
     if t is None:
@@ -109,8 +118,10 @@ def scalar(value: float, like: Tensor) -> Tensor:
     return t
 
 
-def _hot_scalars(key: tuple, values: tuple[float, ...], like: Tensor) -> tuple[Tensor, ...]:
-    """The hot path's constants for ``key`` (cost parameters, ``n``, dtype) as cached 0-dim tensors."""
+def _hot_scalars(key: tuple, values: tuple[float, ...], like: Tensor) -> tuple[Tensor | float, ...]:
+    """The hot path's constants for ``key`` (cost parameters, ``n``, dtype) as cached 0-dim tensors (see :func:`scalar`)."""
+    if not _plain(like):
+        return values
     hit = _SCALARS.get(key)
     if hit is None:
         hit = tuple(scalar(x, like) for x in values)

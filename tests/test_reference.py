@@ -311,3 +311,25 @@ def test_w2_hot_path_value_and_gradient(dtype):
         mean, d = _reference.mean_and_scaled_grad(other, z)
         torch.testing.assert_close(mean, other.h(z).mean(dim=-1), rtol=0, atol=0)
         torch.testing.assert_close(d, other.dh(z) / z.shape[-1])
+
+
+def test_constants_are_cached_for_plain_tensors_only():
+    # the node's constants are cached 0-dim tensors; a fake-tensor trace (as torch.export runs) uses Python
+    # numbers instead, so that no fake tensor is cached and no cached tensor meets a fake one
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    _reference._SCALARS.clear()
+    with FakeTensorMode():
+        u, v = torch.randn(8, requires_grad=True), torch.randn(8)
+        out = otloss.ot_h_1d(u, v, otloss.abs_pow(2.0), validate_args=False)
+        out = out + otloss.aot_loss(u, u, v, v, beta=0.3, validate_args=False)
+        out.backward()
+        assert isinstance(out, FakeTensor) and out.shape == () and u.grad.shape == (8,)
+    assert not _reference._SCALARS
+    u = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(8, dtype=torch.float64)
+    for cost in (otloss.abs_pow(2.0), otloss.logistic(0.3)):
+        value = otloss.ot_h_1d(u, v, cost)
+        torch.testing.assert_close(value, otloss.ot_h_1d(u.detach(), v, cost), **tol(torch.float64, "value"))
+    cached = [t for t in _reference._SCALARS.values() if isinstance(t, torch.Tensor)]
+    assert cached and all(type(t) is torch.Tensor and t.dtype == torch.float64 and t.dim() == 0 for t in cached)
