@@ -171,8 +171,9 @@ def _ot_rows(
     Inputs already checked (but for their values) and in the compute dtype; ``u2``/``v2`` only
     with uniform weights and hard sort (paired AOT's margins, subtracted inside the loss node).
     ``check_values`` scans the caller's named inputs for NaN/Inf and raises; on the hard-sort,
-    equal-size path it runs only when the sum of the sorted differences is not finite (any
-    non-finite input makes it so), saving a pass over the inputs.
+    equal-size path it runs only when the loss node's probe (the loss, or the sum of the sorted
+    differences; :func:`otloss._reference.finite_probe`) is not finite (any non-finite input makes
+    it so), saving a pass over the inputs.
     """
     n, m = u.shape[-1], v.shape[-1]
     uniform = a is None and b is None and n == m
