@@ -126,7 +126,7 @@ def scalar(value: float, like: Tensor) -> Tensor | float:
 
 
 def _hot_scalars(key: tuple, values: tuple[float, ...], like: Tensor) -> tuple[Tensor | float, ...]:
-    """The hot path's constants for ``key`` (cost parameters, ``n``, dtype) as cached 0-dim tensors (see :func:`scalar`)."""
+    """The hot path's constants for ``key`` (cost parameters, ``n``, dtype), cached as in :func:`scalar`."""
     if not _plain(like):
         return values
     hit = _SCALARS.get(key)
@@ -163,9 +163,10 @@ def mean_and_scaled_grad(cost: Cost, z: Tensor) -> tuple[Tensor, Tensor]:
 def finite_probe(cost: Cost, z: Tensor, rows: Tensor) -> Tensor:
     """A tensor whose sum is finite only if ``z`` is (a NaN or Inf in ``z`` makes it NaN or Inf).
 
-    ``rows`` (the rows' costs, or their sum or mean) serves when ``h`` is finite exactly on finite ``z``
-    and non-negative (``abs_pow``, ``least_squares``: no cancellation); otherwise ``z`` itself. A finite ``z`` may still
-    give a non-finite probe (an overflowing cost): the caller then checks the inputs themselves.
+    ``rows`` (the rows' costs, or their sum or mean) serves when ``h`` is finite exactly on finite
+    ``z`` and non-negative (``abs_pow``, ``least_squares``: no cancellation); otherwise ``z`` itself.
+    A finite ``z`` may still give a non-finite probe (an overflowing cost): the caller then checks
+    the inputs themselves.
     """
     return rows if type(cost) in (AbsPow, LeastSquares) else z
 

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -120,8 +121,8 @@ def run_process(
     carries those stacks. Multi-process CPU launches take ``attempts=2``: a rare hang of the gloo
     launch stack must not pass unnoticed, nor stop the suite without saying where it hung.
     """
-    import warnings
-
+    if attempts < 1:
+        raise ValueError(f"attempts must be at least 1, got {attempts}")
     env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1", "PYTHONUNBUFFERED": "1"}
     for attempt in range(1, attempts + 1):
         proc = subprocess.Popen(
@@ -138,7 +139,7 @@ def run_process(
             continue
         assert proc.returncode == 0, f"exit code {proc.returncode}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-6000:]}"
         return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-    raise AssertionError("unreachable")
+    raise AssertionError("unreachable: the last try returns or fails")
 
 
 def _abort_tree(proc: subprocess.Popen) -> tuple[str, str]:
