@@ -9,15 +9,16 @@ Two regimes:
   ``otloss_torch`` (the PyTorch reference path, ``backend="torch"``), ``minimal`` (the
   least a hand-written loss does: two ``torch.sort``, ``logsigmoid``, ``mean``; the
   baseline), ``minimal_stable`` (the same with stable sorts, the tie order otloss
-  guarantees: its gradient among tied values is otloss's), ``trl_eager`` (TRL's formula as ``DPOTrainer`` writes it, with both
-  label-smoothing terms) and ``trl_compile`` (that formula under ``torch.compile``).
+  guarantees: its gradient among tied values is otloss's), ``trl_eager`` (TRL's formula
+  as ``DPOTrainer`` writes it, with both label-smoothing terms) and ``trl_compile``
+  (that formula under ``torch.compile``).
   otloss runs with its default value check (``validate_args=True``).
 * ``w2``: ``OT_h`` with ``h(z) = z^2`` (squared Wasserstein-2) of ``rows x n``
   problems, ``u`` and ``v`` both requiring grad: one row, and many rows at once (sliced
   Wasserstein), where the work is bound by memory traffic. Methods: ``otloss_triton``,
   ``otloss_torch``, ``eager`` (sort twice, square the difference, mean; the baseline),
-  ``eager_stable`` (the same with stable sorts), ``eager_compile`` and ``pot`` (``ot.wasserstein_1d`` with its torch backend, which
-  computes the same quantity).
+  ``eager_stable`` (the same with stable sorts), ``eager_compile`` and ``pot``
+  (``ot.wasserstein_1d`` with its torch backend, which computes the same quantity).
 
 Each method is timed in three passes: ``fwd`` (the forward with grad enabled, as in
 training), ``bwd`` (``torch.autograd.grad`` of a loss computed beforehand) and
