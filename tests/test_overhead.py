@@ -143,6 +143,19 @@ def test_ot_h_1d_metadata_errors_unchanged():
 # --- the direct dispatch to the loss node ----------------------------------------------------------------
 
 
+def _spy(monkeypatch, name: str) -> list[int]:
+    """Wrap ``otloss.functional.<name>`` for the test; the returned list grows by one per call."""
+    calls: list[int] = []
+    real = getattr(fn, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fn, name, spy)
+    return calls
+
+
 def _no_general_path(*args, **kwargs):
     raise AssertionError("the general path ran")
 
@@ -161,14 +174,7 @@ def test_common_calls_go_straight_to_the_node(monkeypatch):
     ["no_grad", "bf16", "meta", "weights", "unequal", "triton", "metric", "soft", "vmap"],
 )
 def test_other_calls_take_the_general_path(monkeypatch, case):
-    calls = []
-    general = fn._ot_h_1d
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return general(*args, **kwargs)
-
-    monkeypatch.setattr(fn, "_ot_h_1d", spy)
+    calls = _spy(monkeypatch, "_ot_h_1d")
     u, v = torch.randn(8, requires_grad=True), torch.randn(8)
     kwargs = {}
     cost = otloss.abs_pow(2.0)
@@ -322,14 +328,7 @@ def test_lean_path_skips_the_checks_and_equals_the_general_path(monkeypatch):
     "case", ["numpy_bool", "no_grad", "bf16", "meta", "empty_rows", "sparse", "nested", "first_call", "soft", "list"]
 )
 def test_lean_path_declines_what_it_does_not_check(monkeypatch, case):
-    calls = []
-    real = fn._check_options
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fn, "_check_options", spy)
+    calls = _spy(monkeypatch, "_check_options")
     t = _logps(n=8)
     kwargs = {"beta": 0.2}
     otloss.aot_loss(*t, **kwargs)
