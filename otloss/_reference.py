@@ -172,9 +172,11 @@ def finite_probe(cost: Cost, z: Tensor, rows: Tensor) -> Tensor:
 
 
 def check_sum(z: Tensor, check_values: Callable[[], None] | None) -> None:
-    """Run ``check_values`` when ``z`` holds a NaN or Inf (its sum is then not finite)."""
-    if check_values is not None and not math.isfinite(float(z.detach().sum())):
-        check_values()
+    """Run ``check_values`` when ``z`` holds a NaN or Inf (its sum is then not finite; a 0-dim ``z`` is read as is)."""
+    if check_values is not None:
+        z = z.detach()
+        if not math.isfinite((z if z.dim() == 0 else z.sum()).item()):
+            check_values()
 
 
 class SortedOT(torch.autograd.Function):
@@ -207,10 +209,7 @@ class SortedOT(torch.autograd.Function):
             out = rows.sum()
             if reduction == "mean" and count > 1:
                 out = torch.div(out, scalar(count, out))
-        if check_values is not None:  # grad is off here: no detach
-            probe = finite_probe(cost, z, out)
-            if not math.isfinite((probe if probe.dim() == 0 else probe.sum()).item()):
-                check_values()
+        check_sum(finite_probe(cost, z, out), check_values)
         # the gradients and permutations are intermediates, kept on ctx (unpacking saved tensors costs
         # per tensor on every backward); the inputs are saved (version-checked) for double backward only
         # (each permutation overwrites every entry, so ``d`` itself serves as the out-of-place base)
