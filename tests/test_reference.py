@@ -313,6 +313,28 @@ def test_w2_hot_path_value_and_gradient(dtype):
         torch.testing.assert_close(d, other.dh(z) / z.shape[-1])
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("cost", [otloss.abs_pow(2.0), otloss.logistic(0.5), otloss.hinge(0.1)], ids=repr)
+def test_a_single_row_reduces_to_its_own_cost(reduction, cost):
+    # rows [1, n]: the reduced loss is the row's cost itself (no reduction op), a 0-dim tensor, bitwise what
+    # reduction="none" gives; the gradient is the row's, scaled by the upstream gradient
+    g = torch.Generator().manual_seed(3)
+    u, v = torch.randn(1, 50, generator=g), torch.randn(1, 50, generator=g)
+    a, b = u.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    out = otloss.ot_h_1d(a, b, cost, reduction=reduction)
+    assert out.shape == () and type(out.grad_fn).__name__ == "SortedOTBackward"
+    ar, br = u.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    row = otloss.ot_h_1d(ar, br, cost, reduction="none")
+    assert torch.equal(out.detach(), row.detach()[0])
+    (out * 3.0).backward()
+    (row * 3.0).sum().backward()
+    assert torch.equal(a.grad, ar.grad) and torch.equal(b.grad, br.grad)
+    torch.autograd.gradgradcheck(
+        lambda x, y: otloss.ot_h_1d(x, y, cost, reduction=reduction),
+        (u.double().requires_grad_(True), v.double().requires_grad_(True)),
+    )
+
+
 def test_constants_are_cached_for_plain_tensors_only():
     # the node's constants are cached 0-dim tensors; a fake-tensor trace (as torch.export runs) uses Python
     # numbers instead, so that no fake tensor is cached and no cached tensor meets a fake one
