@@ -173,10 +173,8 @@ def finite_probe(cost: Cost, z: Tensor, rows: Tensor) -> Tensor:
 
 def check_sum(z: Tensor, check_values: Callable[[], None] | None) -> None:
     """Run ``check_values`` when ``z`` holds a NaN or Inf (its sum is then not finite; a 0-dim ``z`` is read as is)."""
-    if check_values is not None:
-        z = z.detach()
-        if not math.isfinite((z if z.dim() == 0 else z.sum()).item()):
-            check_values()
+    if check_values is not None and not math.isfinite(z.item() if z.dim() == 0 else z.detach().sum().item()):
+        check_values()
 
 
 class SortedOT(torch.autograd.Function):
