@@ -603,6 +603,23 @@ class _L2SoftSort(torch.autograd.Function):
         return _L2SoftSort.apply(x.movedim(in_dims[0], 0), eps, check), (0, 0, 0, 0)
 
 
+class _L2SoftSortEager(torch.autograd.Function):
+    """:class:`_L2SoftSort` without ``setup_context``, for calls outside ``torch.func`` transforms.
+
+    ``Function.apply`` binds the arguments of a function that defines ``setup_context`` through
+    ``inspect.signature`` on every call, tens of microseconds; this form skips that. Same forward,
+    outputs, saved tensors and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, eps: float, check: bool, xs: Tensor | None, perm: Tensor | None):
+        out = _L2SoftSort.forward(x, eps, check, xs, perm)
+        _L2SoftSort.setup_context(ctx, (x, eps, check, xs, perm), out)
+        return out
+
+    backward = _L2SoftSort.backward
+
+
 def _use_kernel(x: Tensor) -> bool:
     """Whether the block search runs in the Triton kernel (CUDA tensors, triton installed)."""
     if not x.is_cuda:
@@ -663,15 +680,19 @@ def _soft_sort_l2(x: Tensor, eps: float, check: bool) -> Tensor:
     sort itself and its gradient the sort's own (permutation held fixed), with no custom node.
     Under ``torch.func`` transforms, and on CUDA with triton (block search in the kernel of
     :mod:`otloss.ops.soft_sort`, no host synchronisation unless ``check``), the whole
-    computation goes through :class:`_L2SoftSort`, whose ``vmap`` rule maps over rows.
+    computation goes through :class:`_L2SoftSort`, whose ``vmap`` rule maps over rows; outside
+    transforms through its twin :class:`_L2SoftSortEager`, which ``Function.apply`` calls without
+    binding the arguments through ``inspect``.
     """
     xc = x.to(compute_dtype(x.dtype))
-    if functorch_active() or _use_kernel(xc):
+    if functorch_active():
         return _L2SoftSort.apply(xc, eps, check)[0].to(x.dtype)
+    if _use_kernel(xc):
+        return _L2SoftSortEager.apply(xc, eps, check, None, None)[0].to(x.dtype)
     xs, perm = sort_with_index(xc)
     if _no_pooling(xs.detach(), eps, xc, check):
         return xs.to(x.dtype)
-    return _L2SoftSort.apply(xc, eps, False, xs.detach(), perm)[0].to(x.dtype)
+    return _L2SoftSortEager.apply(xc, eps, False, xs.detach(), perm)[0].to(x.dtype)
 
 
 def _soft_sort_torchsort(x: Tensor, eps: float, regularization: str) -> Tensor:

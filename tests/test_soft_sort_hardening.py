@@ -253,6 +253,26 @@ def test_gradcheck_float64_with_pooled_blocks(eps):
     assert torch.autograd.gradgradcheck(lambda t: otloss.soft_sort(t, eps), (x,))
 
 
+def test_the_eager_node_is_the_transformable_node_without_argument_binding():
+    # outside torch.func transforms a pooled call goes through _L2SoftSortEager (no setup_context, so
+    # Function.apply does not bind arguments through inspect); same outputs and gradients, bitwise
+    x = torch.randn(3, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 3
+    w = torch.randn(3, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = otloss.soft_sort(x.clone().requires_grad_(), 2.0)
+    assert type(y.grad_fn).__name__ == "_L2SoftSortEagerBackward"
+    outs, grads = [], []
+    for node, extra in ((sorting._L2SoftSortEager, (None, None)), (sorting._L2SoftSort, ())):
+        a = x.clone().requires_grad_()
+        out = node.apply(a, 2.0, True, *extra)
+        (g,) = torch.autograd.grad((out[0] * w).sum(), a)
+        outs.append(out)
+        grads.append(g)
+    assert (outs[0][2] != torch.arange(40)).any()  # some blocks pool
+    for p, q in zip(outs[0], outs[1]):
+        assert torch.equal(p, q)
+    assert torch.equal(grads[0], grads[1])
+
+
 def test_gradient_is_the_block_mean_of_a_non_unit_upstream_gradient():
     x = torch.tensor([0.0, 5.0, 0.3, 9.0, -4.0], dtype=torch.float64, requires_grad=True)
     eps = 0.5  # sorted [-4, 0, 0.3, 5, 9]: three gaps exceed 1 / eps = 2, so blocks pool
