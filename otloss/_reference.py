@@ -204,12 +204,9 @@ class SortedOT(torch.autograd.Function):
         if reduction != "none" and rows.dim() > 0:  # the sum, divided by the count for the mean (as mean does)
             ctx.reduce = (reduction, rows.shape)
             count = rows.numel()
-            if count == 1:  # one row: its cost, as a 0-dim view (no reduction op)
-                out = rows.view(())
-            else:
-                out = rows.sum()
-                if reduction == "mean":
-                    out = torch.div(out, scalar(count, out))
+            out = rows.sum()  # (not a view of rows even for one row: a view output cannot be modified in place)
+            if reduction == "mean" and count > 1:
+                out = torch.div(out, scalar(count, out))
         check_sum(finite_probe(cost, z, out), check_values)
         # the gradients and permutations are intermediates, kept on ctx (unpacking saved tensors costs
         # per tensor on every backward); the inputs are saved (version-checked) for double backward only

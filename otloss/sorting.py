@@ -561,11 +561,13 @@ class _L2SoftSort(torch.autograd.Function):
         if any_bad:
             y = y.masked_fill(bad.unsqueeze(1), math.nan)
             size = size.masked_fill(bad.unsqueeze(1), 0.0)
-        # the rows that do not pool keep their sorted values, in blocks of one
-        y_all = xs2.index_copy(0, act, y.to(x.dtype))
+        # the rows that do not pool keep their sorted values, in blocks of one; y is made in its final
+        # shape (a view returned by an autograd node could not be modified in place by the caller)
+        y_all = xs.clone()
+        y_all.view(rows, n).index_copy_(0, act, y.to(x.dtype))
         size_all = torch.ones(rows, n, dtype=torch.float64, device=x.device).index_copy_(0, act, size)
         first_all = torch.arange(n, device=x.device).expand(rows, n).index_copy(0, act, first)
-        return y_all.reshape(xs.shape), perm, first_all.reshape(xs.shape), size_all.reshape(xs.shape)
+        return y_all, perm, first_all.reshape(xs.shape), size_all.reshape(xs.shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -650,7 +652,8 @@ def _forward_kernel(xs: Tensor, perm: Tensor, eps: float) -> tuple[Tensor, Tenso
     y = (sums.index_select(0, ids) / size.reshape(-1)).reshape(rows, n) + offset / eps
     y = torch.where(bad, math.nan, y)
     size = torch.where(bad, 0.0, size)
-    return y.to(xs.dtype).reshape(xs.shape), perm, first.reshape(xs.shape), size.reshape(xs.shape)
+    # y in its final shape and dtype as a new tensor, no view (the caller may modify it in place)
+    return y.reshape(xs.shape).to(xs.dtype, copy=True), perm, first.reshape(xs.shape), size.reshape(xs.shape)
 
 
 def _no_pooling(xs: Tensor, eps: float, x: Tensor, check: bool) -> bool:

@@ -316,8 +316,9 @@ def test_w2_hot_path_value_and_gradient(dtype):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("cost", [otloss.abs_pow(2.0), otloss.logistic(0.5), otloss.hinge(0.1)], ids=repr)
 def test_a_single_row_reduces_to_its_own_cost(reduction, cost):
-    # rows [1, n]: the reduced loss is the row's cost itself (no reduction op), a 0-dim tensor, bitwise what
-    # reduction="none" gives; the gradient is the row's, scaled by the upstream gradient
+    # rows [1, n]: the reduced loss is the row's cost, a 0-dim tensor, bitwise what reduction="none" gives;
+    # the gradient is the row's, scaled by the upstream gradient; the loss is no view, so it can be modified
+    # in place (a view returned by an autograd node cannot)
     g = torch.Generator().manual_seed(3)
     u, v = torch.randn(1, 50, generator=g), torch.randn(1, 50, generator=g)
     a, b = u.clone().requires_grad_(True), v.clone().requires_grad_(True)
@@ -329,6 +330,10 @@ def test_a_single_row_reduces_to_its_own_cost(reduction, cost):
     (out * 3.0).backward()
     (row * 3.0).sum().backward()
     assert torch.equal(a.grad, ar.grad) and torch.equal(b.grad, br.grad)
+    total = otloss.ot_h_1d(u.clone().requires_grad_(True), v, cost, reduction=reduction)
+    assert not total._is_view()
+    total += 1.0
+    total.backward()
     torch.autograd.gradgradcheck(
         lambda x, y: otloss.ot_h_1d(x, y, cost, reduction=reduction),
         (u.double().requires_grad_(True), v.double().requires_grad_(True)),

@@ -156,21 +156,19 @@ def _margin(x: Tensor, x2: Tensor | None) -> Tensor:
     return x.float() if x2 is None else x.float() - x2.float()
 
 
-def _ot_rows_forward_long(u, u2, v, v2, cost_id: int, beta: float, ls: float, p: float):
+def _ot_rows_forward_long(u, u2, v, v2, gu, gv, shape, cost_id: int, beta: float, ls: float, p: float):
     u, v = _margin(u, u2), _margin(v, v2)
     rows, n = u.shape
     us, iu = torch.sort(u, dim=-1, stable=True)
     vs, iv = torch.sort(v, dim=-1, stable=True)
     n_chunks = triton.cdiv(n, CHUNK_SIZE)
     partial = torch.empty((2, rows, n_chunks), dtype=torch.float32, device=u.device)
-    gu = torch.empty((rows, n), dtype=torch.float32, device=u.device)
-    gv = torch.empty((rows, n), dtype=torch.float32, device=u.device)
     _ot_sorted_chunks_kernel[(rows, n_chunks)](
-        us, iu, vs, iv, partial[0], partial[1], gu, gv, n, n_chunks, us.stride(0), gu.stride(0), beta, ls, p,
+        us, iu, vs, iv, partial[0], partial[1], gu, gv, n, n_chunks, us.stride(0), n, beta, ls, p,
         COST=cost_id, BLOCK=CHUNK_SIZE, num_warps=4,
     )  # fmt: skip
-    sums = partial.sum(dim=-1)
-    return sums[0], gu, gv, sums[1]
+    # summed by torch in a fixed order (deterministic), each into a tensor of its own (no view)
+    return partial[0].view(*shape, n_chunks).sum(dim=-1), partial[1].view(*shape, n_chunks).sum(dim=-1)
 
 
 def ot_rows_forward(
@@ -179,30 +177,30 @@ def ot_rows_forward(
     """Run the kernels on rows ``[..., n]`` of ``u - u2`` and ``v - v2`` (``None``: no subtraction).
 
     Returns float32 ``(loss [...], grad_u [..., n], grad_v [..., n], zsum [...])``; ``zsum`` is each
-    row's sum of sorted differences, finite when every input is.
+    row's sum of sorted differences, finite when every input is. Each is a tensor of its own, made in
+    its final shape, not a view: a view returned by an autograd node cannot be modified in place.
     """
     shape, n = u.shape[:-1], u.shape[-1]
     u, v = _rows(u, n), _rows(v, n)
     u2 = None if u2 is None else _rows(u2, n)
     v2 = None if v2 is None else _rows(v2, n)
     rows = u.shape[0]
+    gu = torch.empty((*shape, n), dtype=torch.float32, device=u.device)  # contiguous: row r starts at r * n
+    gv = torch.empty((*shape, n), dtype=torch.float32, device=u.device)
     if n > MAX_FUSED_SIZE:
-        loss, gu, gv, zsum = _ot_rows_forward_long(u, u2, v, v2, cost_id, beta, ls, p)
+        loss, zsum = _ot_rows_forward_long(u, u2, v, v2, gu, gv, shape, cost_id, beta, ls, p)
     else:
         block, num_warps = calculate_settings(n)
-        out = torch.empty((2, rows), dtype=torch.float32, device=u.device)
-        gu = torch.empty((rows, n), dtype=torch.float32, device=u.device)
-        gv = torch.empty((rows, n), dtype=torch.float32, device=u.device)
+        loss = torch.empty(shape, dtype=torch.float32, device=u.device)
+        zsum = torch.empty(shape, dtype=torch.float32, device=u.device)
         uu2 = u if u2 is None else u2
         vv2 = v if v2 is None else v2
         _ot_rows_fwd_kernel[(rows,)](
-            u, uu2, v, vv2, out[0], out[1], gu, gv, n, u.stride(0), uu2.stride(0), v.stride(0), vv2.stride(0),
-            gu.stride(0), beta, ls, p,
+            u, uu2, v, vv2, loss, zsum, gu, gv, n, u.stride(0), uu2.stride(0), v.stride(0), vv2.stride(0), n,
+            beta, ls, p,
             COST=cost_id, PAIRED_U=u2 is not None, PAIRED_V=v2 is not None, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
-        loss, zsum = out[0], out[1]
-    full = (*shape, n)
-    return loss.reshape(shape), gu.reshape(full), gv.reshape(full), zsum.reshape(shape)
+    return loss, gu, gv, zsum
 
 
 def _scaled_grads(gu, gv, grad_rows, dtypes, needs):
