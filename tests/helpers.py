@@ -96,18 +96,53 @@ def init_gloo(rank: int, world: int, port: int, timeout_s: float = 30.0) -> None
     )
 
 
-def spawn_world(worker, world: int, outdir: Path) -> list[dict]:
-    """Run ``worker(rank, world, port, outdir)`` in ``world`` gloo processes; load each rank's ``rank<r>.pt``."""
+def spawn_world(worker, world: int, outdir: Path, attempts: int = 2) -> list[dict]:
+    """Run ``worker(rank, world, port, outdir)`` in ``world`` gloo processes; load each rank's ``rank<r>.pt``.
+
+    A worker that raises fails the test with its traceback. A process killed by a signal (a rare
+    abort of the gloo stack: "terminate called without an active exception") is not a result of
+    the code under test: while ``attempts`` remain, the world is launched again on a fresh port
+    after a warning that names the signal, and the last try fails the test. A worker that returns
+    leaves at once (:func:`_leave`), skipping the interpreter's teardown of the gloo threads.
+    """
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
+    if attempts < 1:
+        raise ValueError(f"attempts must be at least 1, got {attempts}")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with the gloo backend")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(world, port, str(outdir)), nprocs=world, join=True)
-    return [torch.load(Path(outdir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    outdir = Path(outdir)
+    for attempt in range(1, attempts + 1):
+        for stale in outdir.glob("rank*.pt"):
+            stale.unlink()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            mp.spawn(_leave, args=(worker, world, port, str(outdir)), nprocs=world, join=True)
+        except mp.ProcessExitedException as exc:
+            report = f"a {world}-process gloo world died (try {attempt} of {attempts}): {exc}"
+            if attempt == attempts:
+                pytest.fail(report)
+            warnings.warn(report, RuntimeWarning, stacklevel=2)
+            continue
+        return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    raise AssertionError("unreachable: the last try returns or fails")
+
+
+def _leave(rank: int, worker, world: int, port: int, outdir: str) -> None:
+    """Run one rank of :func:`spawn_world`, then exit without the interpreter's teardown.
+
+    The worker has saved its results and left its process group; what is left to tear down
+    (gloo's threads at interpreter exit) is not under test. An exception propagates as usual.
+    """
+    import sys
+
+    worker(rank, world, port, outdir)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_process(

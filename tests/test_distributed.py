@@ -211,6 +211,7 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         # still in step after the errors
         res["after_errors"] = otloss.all_gather_variable(torch.full((rank + 1,), float(rank), dtype=DT))
         torch.save(res, Path(outdir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank leaves the group while another still talks to it
     finally:
         dist.destroy_process_group()
 

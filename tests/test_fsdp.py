@@ -176,6 +176,7 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
                 "lora": _lora_state(model),
             }
         torch.save(res, Path(outdir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank leaves the group while another still talks to it
     finally:
         dist.destroy_process_group()
 

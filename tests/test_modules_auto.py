@@ -122,6 +122,7 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         loss_fn = otloss.AOTLoss(paired=False, beta=0.5, global_batch="auto", group=solo)
         res["solo"] = {"is_global": loss_fn.is_global(), "loss": loss_fn(*local).detach()}
         torch.save(res, Path(outdir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank leaves the group while another still talks to it
     finally:
         dist.destroy_process_group()
 

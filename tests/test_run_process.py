@@ -1,12 +1,19 @@
-"""``helpers.run_process``: a hung run prints every process's Python stacks, then fails or tries again."""
+"""Test helpers that launch processes.
+
+``run_process``: a hung run prints every process's Python stacks, then fails or tries again.
+``spawn_world``: a process killed by a signal is launched again after a warning; a worker's error fails at once.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
-from helpers import run_process
+import torch
+from helpers import run_process, spawn_world
 
 # A parent that starts a child and waits for it; both block in ``time.sleep`` unless ``flag`` exists.
 HANG = textwrap.dedent(
@@ -52,3 +59,56 @@ def test_a_second_try_runs_after_a_warning_that_holds_the_stacks(script, tmp_pat
 def test_a_failing_run_fails_at_once_with_its_output(tmp_path):
     with pytest.raises(AssertionError, match=r"exit code 3(?s:.*)boom"):
         run_process([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], cwd=tmp_path, attempts=2)
+
+
+# spawn_world workers (module level, so that the spawned processes import them by name)
+
+
+def _save(rank: int, outdir: str) -> None:
+    torch.save({"rank": rank}, Path(outdir) / f"rank{rank}.pt")
+
+
+def _abort_rank1_once(rank: int, world: int, port: int, outdir: str) -> None:
+    mark = Path(outdir) / "aborted"
+    if rank == 1 and not mark.exists():
+        mark.touch()
+        os.abort()
+    _save(rank, outdir)
+
+
+def _abort_rank1(rank: int, world: int, port: int, outdir: str) -> None:
+    if rank == 1:
+        os.abort()
+    _save(rank, outdir)
+
+
+def _raise_on_rank0(rank: int, world: int, port: int, outdir: str) -> None:
+    with open(Path(outdir) / f"tries{rank}", "a") as f:
+        f.write("x")
+    if rank == 0:
+        raise ValueError("worker error")
+    _save(rank, outdir)
+
+
+def test_a_world_killed_by_a_signal_is_launched_again_after_a_warning(tmp_path):
+    with pytest.warns(RuntimeWarning, match=r"died \(try 1 of 2\)(?s:.*)SIGABRT"):
+        results = spawn_world(_abort_rank1_once, 2, tmp_path)
+    assert [r["rank"] for r in results] == [0, 1]
+
+
+def test_a_world_killed_on_every_try_fails_the_test(tmp_path):
+    with pytest.warns(RuntimeWarning, match=r"try 1 of 2"), pytest.raises(pytest.fail.Exception, match=r"try 2 of 2"):
+        spawn_world(_abort_rank1, 2, tmp_path)
+
+
+def test_a_worker_error_fails_at_once_with_its_traceback(tmp_path):
+    import torch.multiprocessing as mp
+
+    with pytest.raises(mp.ProcessRaisedException, match="worker error"):
+        spawn_world(_raise_on_rank0, 2, tmp_path)
+    assert (tmp_path / "tries0").read_text() == "x"  # launched once
+
+
+def test_spawn_world_validates_attempts(tmp_path):
+    with pytest.raises(ValueError, match="attempts"):
+        spawn_world(_save, 2, tmp_path, attempts=0)
