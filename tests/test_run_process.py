@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_process, spawn_world
+from helpers import GLOO_ABORT, run_process, spawn_world
 
 # A parent that starts a child and waits for it; both block in ``time.sleep`` unless ``flag`` exists.
 HANG = textwrap.dedent(
@@ -54,6 +54,19 @@ def test_a_second_try_runs_after_a_warning_that_holds_the_stacks(script, tmp_pat
     with pytest.warns(RuntimeWarning, match=r"hung for 3 s \(try 1 of 2\)(?s:.*)in <module>"):
         proc = run_process([sys.executable, str(script), str(flag)], cwd=tmp_path, timeout=3, attempts=2)
     assert proc.stdout.strip() == "finished True"
+
+
+def test_a_run_aborted_by_the_gloo_stack_is_tried_again(tmp_path):
+    flag = tmp_path / "flag"
+    code = (
+        "import os, pathlib, sys; flag = pathlib.Path(sys.argv[1])\n"
+        "if not flag.exists():\n"
+        f"    flag.touch(); print({GLOO_ABORT!r}, file=sys.stderr, flush=True); os.abort()\n"
+        "print('second')"
+    )
+    with pytest.warns(RuntimeWarning, match=r"aborted \(try 1 of 2\)(?s:.*)without an active exception"):
+        proc = run_process([sys.executable, "-c", code, str(flag)], cwd=tmp_path, attempts=2)
+    assert proc.stdout.strip() == "second"
 
 
 def test_a_failing_run_fails_at_once_with_its_output(tmp_path):
