@@ -27,7 +27,7 @@ of ``--rounds`` rounds every method runs one block of calls (sized to about
 median with the 20th and 80th percentiles over the rounds, in milliseconds; on CUDA each
 block is bracketed by ``torch.cuda.synchronize()``. ``load_avg`` is the machine's 1-minute
 load average when the case started (other jobs on a shared machine inflate every time). ``speedup`` is POT's median over the
-method's, from the same run. Rows are appended to ``benchmarks/results/sliced.csv`` with
+method's, from the same run. Rows are appended, case by case, to ``benchmarks/results/sliced.csv`` with
 the run time, commit, device, dtype and versions::
 
     python benchmarks/bench_sliced.py                  # CUDA when present, else CPU
@@ -166,7 +166,8 @@ def time_interleaved(
     }
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace, out: Path | None = None) -> list[dict]:
+    """Time every case; with ``out``, append each case's rows to that CSV as soon as it is timed."""
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -209,6 +210,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 fns[(method, "full")] = lambda loss=loss, xy=(x, y): torch.autograd.grad(loss(), xy)
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
             timed = time_interleaved(fns, device, args.rounds, args.block_ms)
+            done = len(results)
             for (method, p), (p50, p20, p80) in timed.items():
                 base = timed[(BASELINE, p)][0] if has_pot else float("nan")
                 results.append({
@@ -223,6 +225,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                         + (f"  x{base / p50:6.2f} vs {BASELINE}" if has_pot else ""),
                         flush=True,
                     )
+            if out is not None:  # a run stopped at a time limit keeps every case it finished
+                write_csv(results[done:], out)
     return results
 
 
@@ -299,8 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    rows = run(args)
-    write_csv(rows, args.out)
+    rows = run(args, args.out)
     print(f"{len(rows)} rows appended to {args.out} in {time.perf_counter() - start:.0f} s")
     return 0
 

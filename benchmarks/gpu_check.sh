@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: the CUDA- and Triton-marked tests of the suite, then the kernel benchmark.
+# One command for a GPU machine: the CUDA- and Triton-marked tests of the suite, then the kernel and sliced-OT benchmarks.
 #
 #   benchmarks/gpu_check.sh OUTDIR            # run it (needs a CUDA device)
 #   benchmarks/gpu_check.sh --dry-run OUTDIR  # check the environment and print the plan; no GPU needed
@@ -10,17 +10,18 @@
 # .venv/bin/python when it exists, else python3.
 #
 # Steps: the kernels the tests and benchmark launch are compiled first, in parallel processes
-# (benchmarks/warm_kernels.py fills Triton's cache), then the tests, then the benchmark.
-# Writes to OUTDIR: gpu_check.log (everything printed), tests.xml (JUnit), kernels.csv, kernels_cuda.png,
-# kernels.md (the Markdown table). Budget: compilation ${GPU_CHECK_WARM_SECONDS:-100} s, tests
-# ${GPU_CHECK_TEST_SECONDS:-230} s, benchmark ${GPU_CHECK_BENCH_SECONDS:-130} s (each stopped at its limit;
-# the benchmark's CSV keeps every finished case), under 8 minutes in all; GPU_CHECK_JOBS (default 12)
-# processes compile. Exit status: 0 when every test passed, 1 when a test failed or a step timed out,
-# 2 for a usage error, 3 when no CUDA device is visible, 4 when a required package is missing.
+# (benchmarks/warm_kernels.py fills Triton's cache), then the tests, the kernel benchmark and the
+# sliced-OT benchmark. Writes to OUTDIR: gpu_check.log (everything printed), tests.xml (JUnit),
+# kernels.csv, kernels_cuda.png, kernels.md (the Markdown table), sliced.csv, sliced.md. Budget:
+# compilation ${GPU_CHECK_WARM_SECONDS:-95} s, tests ${GPU_CHECK_TEST_SECONDS:-215} s, kernel benchmark
+# ${GPU_CHECK_BENCH_SECONDS:-110} s, sliced benchmark ${GPU_CHECK_SLICED_SECONDS:-40} s (each stopped at its
+# limit; the CSVs keep every finished case), under 8 minutes in all; GPU_CHECK_JOBS (default 12) processes
+# compile. Exit status: 0 when every test passed, 1 when a test failed or a step timed out, 2 for a usage
+# error, 3 when no CUDA device is visible, 4 when a required package is missing.
 set -uo pipefail
 
 usage() {
-    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 DRY_RUN=0
@@ -98,19 +99,22 @@ DEVICE="$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name() if torc
 # the GPU run is a marker expression over the suite: every test file that carries one of the markers
 MARKERS="requires_cuda or requires_triton"
 mapfile -t FILES < <(grep -l -E "requires_cuda|requires_triton" tests/test_*.py | sort)
-WARM_CMD=(timeout "${GPU_CHECK_WARM_SECONDS:-100}" "$PYTHON" benchmarks/warm_kernels.py --jobs "${GPU_CHECK_JOBS:-12}")
-TEST_CMD=(timeout "${GPU_CHECK_TEST_SECONDS:-230}" "$PYTHON" -m pytest -m "$MARKERS" -p no:cacheprovider -q -rs
+WARM_CMD=(timeout "${GPU_CHECK_WARM_SECONDS:-95}" "$PYTHON" benchmarks/warm_kernels.py --jobs "${GPU_CHECK_JOBS:-12}")
+TEST_CMD=(timeout "${GPU_CHECK_TEST_SECONDS:-215}" "$PYTHON" -m pytest -m "$MARKERS" -p no:cacheprovider -q -rs
           --junitxml "$OUTDIR/tests.xml" "${FILES[@]}")
-BENCH_CMD=(timeout "${GPU_CHECK_BENCH_SECONDS:-130}" "$PYTHON" benchmarks/bench_kernels.py --device cuda
+BENCH_CMD=(timeout "${GPU_CHECK_BENCH_SECONDS:-110}" "$PYTHON" benchmarks/bench_kernels.py --device cuda
            --methods otloss_triton otloss_torch minimal trl_eager eager pot --min-run-time 0.1
            --out "$OUTDIR/kernels.csv")
+SLICED_CMD=(timeout "${GPU_CHECK_SLICED_SECONDS:-40}" "$PYTHON" benchmarks/bench_sliced.py --device cuda
+            --rounds 7 --block-ms 15 --out "$OUTDIR/sliced.csv")
 log "  compile:   ${WARM_CMD[*]}"
 log "  tests:     ${TEST_CMD[*]}"
 log "  benchmark: ${BENCH_CMD[*]}"
+log "  sliced:    ${SLICED_CMD[*]}"
 
 if [ -z "$DEVICE" ]; then
     if [ "$DRY_RUN" -eq 1 ]; then
-        log "gpu_check: dry run: no CUDA device here; on a GPU machine the three commands above run"
+        log "gpu_check: dry run: no CUDA device here; on a GPU machine the four commands above run"
         exit 0
     fi
     log "gpu_check: no CUDA device is visible (torch.cuda.is_available() is False): nothing run"
@@ -142,6 +146,14 @@ if [ -s "$OUTDIR/kernels.csv" ]; then
     "$PYTHON" benchmarks/summarize_kernels.py "$OUTDIR/kernels.csv" > "$OUTDIR/kernels.md" 2>>"$LOG"
     cat "$OUTDIR/kernels.md" >> "$LOG"
 fi
+
+"${SLICED_CMD[@]}" 2>&1 | tee -a "$LOG"
+sliced_status=${PIPESTATUS[0]}
+[ "$sliced_status" -eq 124 ] && log "gpu_check: the sliced benchmark reached its time limit; the CSV holds the cases it finished"
+if [ -s "$OUTDIR/sliced.csv" ]; then
+    "$PYTHON" benchmarks/bench_sliced.py --summarize --out "$OUTDIR/sliced.csv" > "$OUTDIR/sliced.md" 2>>"$LOG"
+    cat "$OUTDIR/sliced.md" >> "$LOG"
+fi
 log "gpu_check: done in $((SECONDS - start)) s; results in $OUTDIR"
-if [ "$tests_status" -ne 0 ] || [ "$bench_status" -ne 0 ]; then exit 1; fi
+if [ "$tests_status" -ne 0 ] || [ "$bench_status" -ne 0 ] || [ "$sliced_status" -ne 0 ]; then exit 1; fi
 exit 0

@@ -66,3 +66,26 @@ def test_bad_arguments_are_refused(tmp_path):
         bench.main(["--rounds", "2", "--out", str(tmp_path / "x.csv")])
     with pytest.raises(SystemExit):
         bench.main(["--threads", "0", "--out", str(tmp_path / "x.csv")])
+
+
+def test_a_run_stopped_after_its_first_case_keeps_that_case_in_the_csv(tmp_path, monkeypatch):
+    bench = _bench()
+    timed = bench.time_interleaved
+    calls = []
+
+    def stop_at_the_second(*args, **kwargs):  # a time limit reached while the second case is timed
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return timed(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "time_interleaved", stop_at_the_second)
+    out = tmp_path / "sliced.csv"
+    argv = ["--device", "cpu", "--quick", "--rounds", "5", "--block-ms", "1", "--threads", "1", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    first = bench.QUICK_CASES[0]
+    assert {(r["batch"], r["n"], r["m"]) for r in rows} == {(str(first[0]), str(first[1]), str(first[2]))}
+    assert len(rows) == len({(r["method"], r["pass"]) for r in rows}) >= 2 * len(bench.PASSES)
