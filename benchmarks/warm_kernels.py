@@ -1,4 +1,4 @@
-"""Compile, in parallel, the Triton kernels that ``gpu_check.sh``'s tests and benchmark launch (CUDA).
+"""Compile, in parallel, the Triton kernels that ``gpu_check.sh``'s tests and benchmarks launch (CUDA).
 
 Triton compiles each specialisation of a kernel (cost id, input dtype, paired margins, block size,
 and its integer arguments' divisibility) at its first launch and keeps it in its on-disk cache. A
@@ -12,7 +12,8 @@ them.
     python benchmarks/warm_kernels.py --list      # the cases, one per line; no GPU needed
 
 The cases come from where the launches are written: the CUDA sweep of ``tests/test_ops_triton.py``
-(``SWEEP_N`` for each dtype, one cost per kernel id) and the sizes of ``bench_kernels.py``.
+(``SWEEP_N`` for each dtype, one cost per kernel id), the sizes of ``bench_kernels.py`` and the CUDA
+cases of ``bench_sliced.py``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def cases() -> list[Case]:
     """Every launch of the plan, without repeats, longest compilation (largest row) first."""
     _on_path(ROOT, ROOT / "benchmarks")
     import bench_kernels
+    import bench_sliced
 
     tests = _test_module()
     kernel_ids = sorted({c.kernel_id for c in tests.KERNEL_COSTS})
@@ -74,6 +76,8 @@ def cases() -> list[Case]:
     out |= {Case("aot", 0, "float32", 1, n) for n in bench_kernels.SIZES}
     out |= {Case("ot", 4, "float32", 1, n) for n in bench_kernels.SIZES}
     out |= {Case("ot", 4, "float32", r, n) for r, n in bench_kernels.BATCHED}
+    # sliced OT: the [batch * L, n] projected rows (contiguous), when the kernel takes them (n == m, no weights)
+    out |= {Case("ot", 4, "float32", b * L, n) for b, n, m, _, L, w in bench_sliced.CASES_CUDA if n == m and not w}
     from otloss.ops.utils import MAX_FUSED_SIZE, next_power_of_2
 
     # compile time grows with the fused kernel's block; longer rows take the small chunked kernel

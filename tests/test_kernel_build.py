@@ -91,6 +91,7 @@ def test_warm_plan_covers_the_cuda_sweep_and_the_benchmark():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         bench = _load("bench_kernels")
+        sliced = _load("bench_sliced")
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     import test_ops_triton as sweep
@@ -106,6 +107,9 @@ def test_warm_plan_covers_the_cuda_sweep_and_the_benchmark():
         assert warm.Case("aot", 0, "float32", 1, n) in have and warm.Case("ot", 4, "float32", 1, n) in have
     for rows, n in bench.BATCHED:
         assert warm.Case("ot", 4, "float32", rows, n) in have
+    for batch, n, m, _, L, weighted in sliced.CASES_CUDA:
+        if n == m and not weighted:  # the rows sliced_ot hands to the kernel: [batch * L, n]
+            assert warm.Case("ot", 4, "float32", batch * L, n) in have
     # longest compilations first: the fused kernel's block never grows along the list
     from otloss.ops.utils import MAX_FUSED_SIZE, next_power_of_2
 
