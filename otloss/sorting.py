@@ -563,7 +563,8 @@ class _L2SoftSort(torch.autograd.Function):
             size = size.masked_fill(bad.unsqueeze(1), 0.0)
         # the rows that do not pool keep their sorted values, in blocks of one; y is made in its final
         # shape (a view returned by an autograd node could not be modified in place by the caller)
-        y_all = xs.clone()
+        # (contiguous: xs keeps the strides of x, whose leading dimensions may not merge into one view)
+        y_all = xs.clone(memory_format=torch.contiguous_format)
         y_all.view(rows, n).index_copy_(0, act, y.to(x.dtype))
         size_all = torch.ones(rows, n, dtype=torch.float64, device=x.device).index_copy_(0, act, size)
         first_all = torch.arange(n, device=x.device).expand(rows, n).index_copy(0, act, first)

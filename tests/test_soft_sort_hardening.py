@@ -322,6 +322,24 @@ def test_float32_more_exact_than_torchsort_at_n_1e5():
 # ----------------------------------------------------------------------------- transforms
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_whose_leading_dimensions_do_not_merge_pool_as_contiguous_ones(dtype):
+    # a permuted 3-D input (no [rows, n] view of it exists) and vmap over a middle dimension
+    x = (torch.randn(4, 5, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 5).to(dtype)
+    xt = x.transpose(0, 1)
+    assert not xt.is_contiguous()
+    expected = otloss.soft_sort(xt.contiguous(), 2.0)
+    assert bool((expected != torch.sort(xt, dim=-1).values).any())  # blocks pool
+    assert torch.equal(otloss.soft_sort(xt, 2.0), expected)
+    batched = torch.func.vmap(lambda r: otloss.soft_sort(r, 2.0), in_dims=1, out_dims=1)(x)
+    assert torch.equal(batched, otloss.soft_sort(x, 2.0))
+    xr = xt.detach().requires_grad_()
+    (g,) = torch.autograd.grad((otloss.soft_sort(xr, 2.0) * torch.arange(40.0, dtype=dtype)).sum(), xr)
+    xc = xt.contiguous().requires_grad_()
+    (gc,) = torch.autograd.grad((otloss.soft_sort(xc, 2.0) * torch.arange(40.0, dtype=dtype)).sum(), xc)
+    assert torch.equal(g, gc)
+
+
 def test_vmap_and_func_grad():
     x = torch.randn(6, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) * 3
     w = torch.randn(9, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
