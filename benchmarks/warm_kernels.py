@@ -2,11 +2,12 @@
 
 Triton compiles each specialisation of a kernel (cost id, input dtype, paired margins, block size,
 and its integer arguments' divisibility) at its first launch and keeps it in its on-disk cache. A
-block of 8192 takes 15 to 40 s to compile on one core, and the GPU check's tests and benchmark
-launch about a hundred specialisations, one after another. This script launches each case of
-that plan once, through the public API (``backend="triton"``), in ``--jobs`` processes, longest
-first, so the later steps find the kernels in the cache and spend their time budget on running
-them.
+block of 8192 takes 19 to 52 s to compile (``benchmarks/results/compile_sm90.csv``), and the GPU
+check's tests and benchmarks make about a hundred launches of the fused OT kernels, one after
+another. This script launches each case of that plan once, through the public API
+(``backend="triton"``), in ``--jobs`` processes, longest first, so the later steps find the kernels
+in the cache and spend their time budget on running them. Some cases share a specialisation (the
+chunked kernel of long rows, for one); the soft-sort kernel, a scalar loop, is not in the plan.
 
     python benchmarks/warm_kernels.py --jobs 12   # on a CUDA machine (gpu_check.sh runs it)
     python benchmarks/warm_kernels.py --list      # the cases, one per line; no GPU needed

@@ -98,15 +98,16 @@ def init_gloo(rank: int, world: int, port: int, timeout_s: float = 30.0) -> None
 
 #: what a process prints when the gloo stack aborts it (a C++ thread destroyed while still joinable)
 GLOO_ABORT = "terminate called without an active exception"
+_TRACEBACK = "Traceback (most recent call last)"
 
 
 def spawn_world(worker, world: int, outdir: Path, attempts: int = 2) -> list[dict]:
     """Run ``worker(rank, world, port, outdir)`` in ``world`` gloo processes; load each rank's ``rank<r>.pt``.
 
-    A worker that raises fails the test with its traceback. A process killed by a signal (a rare
-    abort of the gloo stack: "terminate called without an active exception") is not a result of
-    the code under test: while ``attempts`` remain, the world is launched again on a fresh port
-    after a warning that names the signal, and the last try fails the test. A worker that returns
+    A worker that raises, crashes or exits non-zero fails the test at once. A process killed by
+    ``SIGABRT`` (a rare abort of the gloo stack: "terminate called without an active exception")
+    is not a result of the code under test: while ``attempts`` remain, the world is launched again
+    on a fresh port after a warning that names the signal, and the last try fails the test. A worker that returns
     leaves at once (:func:`_leave`), skipping the interpreter's teardown of the gloo threads.
     """
     import torch.distributed as dist
@@ -126,6 +127,8 @@ def spawn_world(worker, world: int, outdir: Path, attempts: int = 2) -> list[dic
         try:
             mp.spawn(_leave, args=(worker, world, port, str(outdir)), nprocs=world, join=True)
         except mp.ProcessExitedException as exc:
+            if exc.signal_name != "SIGABRT":  # any other death (a crash, a non-zero exit) fails at once
+                raise
             report = f"a {world}-process gloo world died (try {attempt} of {attempts}): {exc}"
             if attempt == attempts:
                 pytest.fail(report)
@@ -159,8 +162,9 @@ def run_process(
     of its threads, and the failure (or, while ``attempts`` remain, a warning before the next try)
     carries those stacks. Multi-process CPU launches take ``attempts=2``: a rare hang of the gloo
     launch stack must not pass unnoticed, nor stop the suite without saying where it hung. A run
-    that fails with the gloo stack's rare abort (:data:`GLOO_ABORT` in its stderr) is likewise tried
-    again after a warning that carries its output; any other failure fails at once.
+    that fails with the gloo stack's rare abort (:data:`GLOO_ABORT` in its stderr) and no Python
+    traceback is likewise tried again after a warning that carries its output (a traceback means a
+    real error, after which other ranks may abort too); any other failure fails at once.
     """
     if attempts < 1:
         raise ValueError(f"attempts must be at least 1, got {attempts}")
@@ -179,7 +183,7 @@ def run_process(
             warnings.warn(report, RuntimeWarning, stacklevel=2)
             continue
         report = f"exit code {proc.returncode}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-6000:]}"
-        if proc.returncode != 0 and GLOO_ABORT in err and attempt < attempts:
+        if proc.returncode != 0 and GLOO_ABORT in err and _TRACEBACK not in err and attempt < attempts:
             warnings.warn(f"{cmd[:4]} aborted (try {attempt} of {attempts}): {report}", RuntimeWarning, stacklevel=2)
             continue
         assert proc.returncode == 0, report

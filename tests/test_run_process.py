@@ -69,6 +69,16 @@ def test_a_run_aborted_by_the_gloo_stack_is_tried_again(tmp_path):
     assert proc.stdout.strip() == "second"
 
 
+def test_an_abort_after_a_python_error_is_not_tried_again(tmp_path):
+    code = (
+        "import os, sys, traceback\n"
+        "try:\n    raise ValueError('real error')\nexcept ValueError:\n    traceback.print_exc()\n"
+        f"print({GLOO_ABORT!r}, file=sys.stderr, flush=True); os.abort()"
+    )
+    with pytest.raises(AssertionError, match=r"(?s)real error.*without an active exception"):
+        run_process([sys.executable, "-c", code], cwd=tmp_path, attempts=2)
+
+
 def test_a_failing_run_fails_at_once_with_its_output(tmp_path):
     with pytest.raises(AssertionError, match=r"exit code 3(?s:.*)boom"):
         run_process([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], cwd=tmp_path, attempts=2)
@@ -120,6 +130,22 @@ def test_a_worker_error_fails_at_once_with_its_traceback(tmp_path):
     with pytest.raises(mp.ProcessRaisedException, match="worker error"):
         spawn_world(_raise_on_rank0, 2, tmp_path)
     assert (tmp_path / "tries0").read_text() == "x"  # launched once
+
+
+def _exit_3_on_rank1(rank: int, world: int, port: int, outdir: str) -> None:
+    with open(Path(outdir) / f"tries{rank}", "a") as f:
+        f.write("x")
+    if rank == 1:
+        os._exit(3)
+    _save(rank, outdir)
+
+
+def test_a_worker_that_exits_non_zero_fails_at_once(tmp_path):
+    import torch.multiprocessing as mp
+
+    with pytest.raises(mp.ProcessExitedException, match="exit code 3"):
+        spawn_world(_exit_3_on_rank1, 2, tmp_path)
+    assert (tmp_path / "tries1").read_text() == "x"  # launched once
 
 
 def test_spawn_world_validates_attempts(tmp_path):
