@@ -74,3 +74,35 @@ def test_soft_sort_kernel_path_output_is_no_view(monkeypatch, dtype):
     x = torch.randn(2, 9, dtype=dtype, generator=torch.Generator().manual_seed(3)) * 5
     x = x.to(DEVICE).requires_grad_(True)
     _modify_in_place_and_backward(otloss.soft_sort(x, 3.0), x)
+
+
+def _same_on_permuted_input(fn, x):
+    """``fn`` of a permuted (non-contiguous) 3-D ``x`` equals ``fn`` of its contiguous copy: value and gradient."""
+    xt = x.transpose(0, 1).detach().requires_grad_(True)
+    xc = xt.detach().contiguous().requires_grad_(True)
+    assert not xt.is_contiguous()
+    out_t, out_c = fn(xt), fn(xc)
+    assert torch.equal(out_t, out_c)
+    w = torch.arange(out_c.numel(), dtype=out_c.dtype, device=out_c.device).reshape(out_c.shape)
+    (g_t,) = torch.autograd.grad((out_t * w).sum(), xt)
+    (g_c,) = torch.autograd.grad((out_c * w).sum(), xc)
+    assert torch.equal(g_t, g_c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ot_h_1d_of_a_permuted_input_is_that_of_its_contiguous_copy(backend):
+    device = DEVICE if backend == "triton" else "cpu"
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 2, 10, generator=g).to(device)
+    v = torch.randn(2, 3, 10, generator=g).to(device)
+    _same_on_permuted_input(lambda u: otloss.ot_h_1d(u, v, "logistic", reduction="none", backend=backend), x)
+
+
+@pytest.mark.parametrize(
+    "kernel", [pytest.param(False, id="torch"), pytest.param(True, id="kernel", marks=BACKENDS[1].marks)]
+)
+def test_soft_sort_of_a_permuted_input_is_that_of_its_contiguous_copy(monkeypatch, kernel):
+    if kernel and DEVICE == "cpu":
+        monkeypatch.setattr(sorting, "_use_kernel", lambda x: True)  # the CUDA path, interpreted
+    x = torch.randn(3, 2, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 5
+    _same_on_permuted_input(lambda t: otloss.soft_sort(t, 3.0), x.to(DEVICE if kernel else "cpu"))
