@@ -107,8 +107,9 @@ def spawn_world(worker, world: int, outdir: Path, attempts: int = 2) -> list[dic
     A worker that raises, crashes or exits non-zero fails the test at once. A process killed by
     ``SIGABRT`` (a rare abort of the gloo stack: "terminate called without an active exception")
     is not a result of the code under test: while ``attempts`` remain, the world is launched again
-    on a fresh port after a warning that names the signal, and the last try fails the test. A worker that returns
-    leaves at once (:func:`_leave`), skipping the interpreter's teardown of the gloo threads.
+    on a fresh port after a warning that names the signal, and the last try fails the test. A
+    worker that returns leaves at once (:func:`_leave`), skipping the interpreter's teardown of
+    the gloo threads.
     """
     import torch.distributed as dist
     import torch.multiprocessing as mp
