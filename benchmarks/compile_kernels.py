@@ -25,7 +25,6 @@ specialisation can differ slightly from what is compiled here; the code is the s
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+
+from provenance import append_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -70,10 +71,6 @@ class Spec:
     constexprs: tuple[tuple[str, object], ...]
     num_warps: int
     dtype: str = "fp32"
-
-    def label(self) -> str:
-        const = " ".join(f"{k}={v}" for k, v in self.constexprs)
-        return f"{self.kernel}[{self.dtype}] {const} warps={self.num_warps}"
 
 
 def _kernels() -> dict[str, object]:
@@ -171,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", default="quick", choices=("quick", "sizes"), help="which compilations (see above)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10: 90 (H100/H200), 80 (A100)")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
-    parser.add_argument("--csv", type=Path, help="also write the table here")
+    parser.add_argument("--csv", type=Path, help="also append the table to this CSV (header first when new)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
@@ -193,11 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['kernel']:26s} {r['dtype']:5s} {r['constexprs']:46s} {r['num_warps']:5d} {r['compile_s']:6.1f} "
               f"{r['registers']:5d} {r['local_bytes']:6d} {r['shared_bytes']:6d}")  # fmt: skip
     print(f"{len(rows)} kernels compiled for sm_{args.arch} in {time.perf_counter() - t0:.1f} s")
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+    if args.csv:  # appended, as every benchmark's CSV: one file holds the runs of several triton versions
+        append_csv(rows, args.csv, FIELDS, short_floats=False)
     return 0
 
 
