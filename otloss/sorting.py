@@ -561,9 +561,9 @@ class _L2SoftSort(torch.autograd.Function):
         if any_bad:
             y = y.masked_fill(bad.unsqueeze(1), math.nan)
             size = size.masked_fill(bad.unsqueeze(1), 0.0)
-        # the rows that do not pool keep their sorted values, in blocks of one; y is made in its final
-        # shape (a view returned by an autograd node could not be modified in place by the caller)
-        # (contiguous: xs keeps the strides of x, whose leading dimensions may not merge into one view)
+        # the rows that do not pool keep their sorted values, in blocks of one. y_all is a new tensor in
+        # its final shape (a view returned by an autograd node could not be modified in place by the
+        # caller), and contiguous (xs keeps the strides of x, whose leading dimensions may not merge)
         y_all = xs.clone(memory_format=torch.contiguous_format)
         y_all.view(rows, n).index_copy_(0, act, y.to(x.dtype))
         size_all = torch.ones(rows, n, dtype=torch.float64, device=x.device).index_copy_(0, act, size)
