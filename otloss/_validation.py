@@ -12,6 +12,9 @@ problem that fails them (see ``docs/behaviour.md``).
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -31,11 +34,35 @@ def type_name(x: object) -> str:
     return t.__qualname__ if module == "builtins" else f"{module.split('.')[0]}.{t.__qualname__}"
 
 
+def shown(x: object) -> object:
+    """``x`` for a message: a NumPy scalar as its Python value (``1``, not ``np.int64(1)``); show it with ``!r``."""
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def real_number(x: object, name: str) -> float:
+    """``x`` as a finite Python ``float``: a Python or NumPy real number (not a ``bool``).
+
+    ``TypeError`` for anything else (a tensor, with the fix), ``ValueError`` for NaN, an infinity
+    or an integer too large for a float. Range checks are the caller's.
+    """
+    if isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a real number (Python or NumPy scalar), got a Tensor; use float({name})")
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type_name(x)}")
+    try:
+        value = float(x)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got an integer too large for a float") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
 def as_bool(value: object, name: str) -> bool:
     """``value`` as a ``bool``; Python and NumPy booleans are accepted, anything else is a ``TypeError``."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
-    raise TypeError(f"{name} must be a bool (True or False), got {type_name(value)} {value!r}")
+    raise TypeError(f"{name} must be a bool (True or False), got {type_name(value)} {shown(value)!r}")
 
 
 def set_validate_args(value: bool) -> None:
@@ -62,7 +89,7 @@ def resolve_validate(validate_args: bool | None) -> bool:
         return validate_args
     if isinstance(validate_args, np.bool_):
         return bool(validate_args)
-    raise TypeError(f"validate_args must be a bool or None, got {type_name(validate_args)} {validate_args!r}")
+    raise TypeError(f"validate_args must be a bool or None, got {type_name(validate_args)} {shown(validate_args)!r}")
 
 
 def vmap_active() -> bool:

@@ -36,13 +36,14 @@ At the kink of ``hinge`` (``z = beta``) the derivative used is ``0``, and for
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from otloss._validation import real_number
 
 __all__ = [
     "AbsPow",
@@ -228,15 +229,7 @@ class _Builtin(Cost):
         return hash((type(self).__name__, tuple(sorted(self._params))))
 
 
-def _real(x: object, name: str) -> float:
-    if isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a real number (Python or NumPy scalar), got a Tensor; use float({name})")
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):  # NumPy's bool is not a numbers.Real
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    x = float(x)
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x}")
-    return x
+_real = real_number
 
 
 class Logistic(_Builtin):
@@ -339,7 +332,8 @@ class ZeroOne(_Builtin):
     name, differentiable, degree, dh = "zero_one", False, 0.0, None
 
     def h(self, z: Tensor) -> Tensor:
-        return (z < 0).to(z.dtype)
+        # NaN stays NaN (a comparison alone would count it as no violation)
+        return torch.where(torch.isnan(z), z, (z < 0).to(z.dtype))
 
     at_zero = (0.0, None)
 

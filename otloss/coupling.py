@@ -91,10 +91,16 @@ class Coupling(_Plan):
 
 
 def _cumulative(w: Tensor) -> Tensor:
-    """Normalised cumulative weights with the last entry exactly 1."""
+    """Normalised cumulative weights with the last entry exactly 1 (NaN for a row whose total is not finite and > 0).
+
+    The last entry is ``total / total`` without gradient: exactly 1 in IEEE arithmetic for a finite
+    positive total, and NaN when the row's weights hold a NaN or an Inf or sum to 0 (checks off), so
+    that such a row gives NaN rather than a plan that ignores the bad weight.
+    """
     c = torch.cumsum(w, dim=-1)
-    c = c / c[..., -1:]
-    return torch.cat([c[..., :-1], torch.ones_like(c[..., -1:])], dim=-1)
+    total = c[..., -1:]
+    last = total.detach() / total.detach()
+    return torch.cat([(c / total)[..., :-1], last], dim=-1)
 
 
 def merge_sorted_weights(a_sorted: Tensor, b_sorted: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -118,6 +124,20 @@ def merge_sorted_weights(a_sorted: Tensor, b_sorted: Tensor) -> tuple[Tensor, Te
     iu = torch.searchsorted(A.detach().contiguous(), td, side="left").clamp_max(n - 1)
     iv = torch.searchsorted(B.detach().contiguous(), td, side="left").clamp_max(m - 1)
     return iu, iv, mass
+
+
+def merged_cost(mass: Tensor, hz: Tensor) -> Tensor:
+    """``sum_k mass_k h(z_k)`` over the merged intervals, with ``0 * h = 0`` on zero-mass intervals.
+
+    A zero-mass interval either pairs the same two atoms as the positive-mass interval it closes, or
+    (at ``t = 0``) pairs an atom of zero weight, which is what carries the derivative with respect to
+    that weight. When such a term's cost overflows, IEEE arithmetic gives ``0 * inf = NaN``: those terms
+    count 0 instead, so an overflow on an atom of zero weight leaves the cost finite, and an overflow on
+    a pair that carries mass gives ``inf``. Terms whose cost is finite are unchanged, values and
+    gradients; a NaN cost (a NaN input with checks off) still gives NaN.
+    """
+    terms = mass * hz
+    return torch.where((mass == 0) & torch.isinf(hz), torch.zeros_like(terms), terms).sum(dim=-1)
 
 
 def quantile_coupling(

@@ -24,6 +24,13 @@ __all__ = ["DEFAULT_QUANTILES", "fsd_report", "quantile_function", "quantile_mar
 DEFAULT_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
+def _level(x: numbers.Real, name: str) -> float:
+    try:
+        return float(x)
+    except OverflowError:  # an int beyond the float range
+        raise ValueError(f"{name} must lie in [0, 1], got an integer too large for a float") from None
+
+
 def _levels(t: object, dtype: torch.dtype, device: torch.device, name: str = "t") -> Tensor:
     """Levels ``t`` as a 1-D real tensor in ``[0, 1]``: a real number, a sequence of them, or a real tensor."""
     if isinstance(t, (str, bytes)) or t is None or isinstance(t, bool):
@@ -35,7 +42,7 @@ def _levels(t: object, dtype: torch.dtype, device: torch.device, name: str = "t"
             raise TypeError(f"{name} must be a real dense tensor, got {t.dtype} ({t.layout})")
         levels = t.detach().to(device=device, dtype=dtype)
     elif isinstance(t, numbers.Real):
-        levels = torch.tensor([float(t)], dtype=dtype, device=device)
+        levels = torch.tensor([_level(t, name)], dtype=dtype, device=device)
     else:
         try:
             items = list(t)  # type: ignore[call-overload]
@@ -46,7 +53,7 @@ def _levels(t: object, dtype: torch.dtype, device: torch.device, name: str = "t"
         bad = [x for x in items if isinstance(x, bool) or not isinstance(x, numbers.Real)]
         if bad:
             raise TypeError(f"{name} must hold real numbers, got {type_name(bad[0])} {bad[0]!r}")
-        levels = torch.tensor([float(x) for x in items], dtype=dtype, device=device)
+        levels = torch.tensor([_level(x, name) for x in items], dtype=dtype, device=device)
     if levels.dim() > 1:
         raise ValueError(f"{name} must be a number or 1-D, got shape {tuple(levels.shape)}")
     levels = levels.reshape(-1)
@@ -64,10 +71,15 @@ def _quantiles(x: Tensor, t: Tensor, w: Tensor | None) -> Tensor:
         xs, perm = torch.sort(x.detach().to(cdt), dim=-1, stable=True)
         w = torch.ones_like(xs) if w is None else w.detach().to(cdt).gather(-1, perm)
         c = torch.cumsum(w, dim=-1)
-        c = c / c[..., -1:]
+        total = c[..., -1:]
+        c = c / total
         tt = t.expand(*xs.shape[:-1], t.numel()).contiguous()
-        idx = torch.searchsorted(c.contiguous(), tt, side="left").clamp(0, xs.shape[-1] - 1)
-        return xs.gather(-1, idx).to(x.dtype)
+        idx = torch.searchsorted(c.contiguous(), tt, side="left")
+        # Q(0) is the least atom of positive weight (the search at t = 0 would stop at a zero-weight one)
+        idx = torch.maximum(idx, (c == 0).sum(-1, keepdim=True)).clamp_max(xs.shape[-1] - 1)
+        q = xs.gather(-1, idx)
+        # a row whose weights hold NaN or Inf, or sum to 0 (checks off), has no quantiles: NaN
+        return q.masked_fill(~(torch.isfinite(total) & (total > 0)), float("nan")).to(x.dtype)
 
 
 def quantile_function(

@@ -26,15 +26,13 @@ these functions with ``global_batch=True`` needs it.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from otloss._validation import as_bool, broadcast_weights, check_dense_float, check_finite, type_name
+from otloss._validation import as_bool, broadcast_weights, check_dense_float, check_finite, real_number, type_name
 
 __all__ = ["QuantileMemory", "all_gather_variable"]
 
@@ -229,12 +227,7 @@ def all_gather_variable(x: Tensor, group: Any = None, *, grad_scale: float = 1.0
 
 
 def _check_scale(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type_name(value)}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+    return real_number(value, name)
 
 
 def check_group(group: object, name: str = "group") -> None:

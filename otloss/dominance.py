@@ -24,15 +24,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
-from otloss._validation import check_finite, compute_dtype, resolve_validate
+from otloss._validation import check_finite, compute_dtype, normalise_weights, real_number, resolve_validate
 from otloss.costs import Cost, get_cost
 from otloss.entropic import _sinkhorn_torch, _warn_unless_converged, entropic_ot
 from otloss.functional import ot_h_1d
+
+if TYPE_CHECKING:  # matplotlib is optional: imported when a plot is drawn
+    from matplotlib.axes import Axes
 
 __all__ = [
     "DominanceResult",
@@ -111,11 +114,10 @@ def _resolve_eps(epsilon: object, d: int, multivariate: bool) -> float:
         return 0.0
     if epsilon is None:
         return EPS_PER_METRIC * d
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
-        raise TypeError(f"epsilon must be a real number or None, got {type(epsilon).__name__}")
-    if not math.isfinite(float(epsilon)) or epsilon < 0:
-        raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
-    return float(epsilon)
+    eps = real_number(epsilon, "epsilon")
+    if eps < 0:
+        raise ValueError(f"epsilon must be finite and >= 0, got {eps}")
+    return eps
 
 
 def _check_order(order: object, multivariate: bool) -> int:
@@ -127,9 +129,33 @@ def _check_order(order: object, multivariate: bool) -> int:
 
 
 def _safe_ratio(fwd: Tensor, rev: Tensor) -> Tensor:
-    """``fwd / (fwd + rev)``; ``0.5`` where both are zero (the two samples are tied)."""
+    """``fwd / (fwd + rev)``; ``0.5`` where both are zero (the two samples are tied), NaN where either is NaN."""
     tot = fwd + rev
-    return torch.where(tot > 0, fwd / torch.where(tot > 0, tot, torch.ones_like(tot)), torch.full_like(tot, 0.5))
+    tied = torch.where(tot == 0, torch.full_like(tot, 0.5), torch.full_like(tot, float("nan")))
+    return torch.where(tot > 0, fwd / torch.where(tot > 0, tot, torch.ones_like(tot)), tied)
+
+
+def _scale_free(h: Cost, eps: float, samples: list[Tensor]) -> tuple[list[Tensor], float]:
+    """``samples`` times one power of two, and ``eps`` in the new cost units, when ``h`` is homogeneous.
+
+    For ``h(c z) = c^p h(z)`` the violation ratio does not depend on a common scale of the samples
+    (nor the entropic one, with ``eps`` scaled by ``c^p`` too). Bringing the largest magnitude into
+    ``[0.5, 1)`` keeps float32 costs of tiny values from underflowing to a false tie (``0 / 0``) and
+    those of huge ones from overflowing. A power of two scales exactly (short of subnormals).
+    """
+    if h.degree is None:
+        return samples, eps
+    big = max(float(t.detach().abs().nan_to_num(nan=0.0, posinf=0.0).amax()) for t in samples)
+    if not 0.0 < big < math.inf:
+        return samples, eps
+    k = min(max(math.frexp(big)[1], -1000), 1000)
+    if k == 0:
+        return samples, eps
+    scale = math.ldexp(1.0, -k)
+    new_eps = eps * scale**h.degree
+    if eps > 0 and not 0.0 < new_eps < math.inf:
+        return samples, eps
+    return [t * scale for t in samples], new_eps
 
 
 # --------------------------------------------------------------------------------------------------- statistics
@@ -257,7 +283,7 @@ def violation_ratio(
         raise ValueError("order=2 uses its own (squared hinge) ratio: leave cost and beta at their defaults")
     eps = _resolve_eps(epsilon, x.shape[-1] if multivariate else 1, multivariate)
     cdt = compute_dtype(x.dtype)
-    xc, yc = x.to(cdt), y.to(cdt)
+    (xc, yc), eps = _scale_free(h, eps, [x.to(cdt), y.to(cdt)])
     wx = _weights(x_weights, x.shape[0], "x_weights", xc, validate)
     wy = _weights(y_weights, y.shape[0], "y_weights", yc, validate)
     if multivariate:
@@ -284,7 +310,8 @@ def _weights(w: object, n: int, name: str, values: Tensor, validate: bool) -> Te
         check_finite(w, name)
         if bool((w < 0).any()) or not float(w.sum()) > 0:
             raise ValueError(f"{name} must be non-negative with a positive sum")
-    return w.to(values.dtype).detach()
+    # divided by the largest weight before the cast and any sum: huge finite weights cannot overflow
+    return normalise_weights(w.detach()).to(values.dtype)
 
 
 # --------------------------------------------------------------------------------------------------- the test
@@ -441,7 +468,14 @@ def dominance_test(
             ``backend="pot"``, otloss's torch solver starts each replicate from the full-sample potentials).
         alpha: level of the tests; the interval ``[ci_low, ci_high]`` has coverage ``1 - alpha``.
         threshold: ``tau`` of the absolute test (default ``0.25``), in ``(0, 1]``.
-        cost, beta, epsilon, order, max_iter, tol, backend, validate_args: as in :func:`violation_ratio`.
+        cost: as in :func:`violation_ratio`.
+        beta: as in :func:`violation_ratio`.
+        epsilon: as in :func:`violation_ratio`.
+        order: as in :func:`violation_ratio`.
+        max_iter: as in :func:`violation_ratio`.
+        tol: as in :func:`violation_ratio`.
+        backend: as in :func:`violation_ratio`.
+        validate_args: as in :func:`violation_ratio`.
         generator: a ``torch.Generator`` (CPU) for reproducible resampling.
 
     Returns:
@@ -458,7 +492,7 @@ def dominance_test(
     eps = _resolve_eps(epsilon, x.shape[-1] if multivariate else 1, multivariate)
     cdt = compute_dtype(x.dtype)
     with torch.no_grad():
-        xc, yc = x.detach().to(cdt), y.detach().to(cdt)
+        (xc, yc), eps = _scale_free(h, eps, [x.detach().to(cdt), y.detach().to(cdt)])
         sampler = _Sampler(xc, yc, h, order, eps, {"max_iter": max_iter, "tol": tol, "backend": backend})
         ratio = float(sampler.full())
         boots = []
@@ -578,7 +612,14 @@ def rank_models(
             ``[n, d]`` samples (entropic OT), which accounts for the dependence between metrics.
         n_bootstrap: bootstrap replicates (default 200).
         alpha: family-wise error rate of the pairwise verdicts.
-        cost, beta, epsilon, order, max_iter, tol, backend, validate_args: as in :func:`violation_ratio`.
+        cost: as in :func:`violation_ratio`.
+        beta: as in :func:`violation_ratio`.
+        epsilon: as in :func:`violation_ratio`.
+        order: as in :func:`violation_ratio`.
+        max_iter: as in :func:`violation_ratio`.
+        tol: as in :func:`violation_ratio`.
+        backend: as in :func:`violation_ratio`.
+        validate_args: as in :func:`violation_ratio`.
         generator: a ``torch.Generator`` (CPU) for reproducible resampling.
 
     Returns:
@@ -618,6 +659,10 @@ def rank_models(
         metrics = [[t[:, c] for t in data] for c in range(data[0].shape[1])]
     order = _check_order(order, multivariate)
     eps = _resolve_eps(epsilon, data[0].shape[-1] if multivariate else 1, multivariate)
+    if multivariate:  # the joint ratio: one scale for every coordinate, and eps in its units
+        metrics[0], eps = _scale_free(h, eps, metrics[0])
+    else:  # a ratio of one metric does not depend on that metric's scale (eps is unused in 1-D)
+        metrics = [_scale_free(h, eps, cols)[0] for cols in metrics]
     solver = {"max_iter": max_iter, "tol": tol, "backend": backend}
     M = len(metrics)
     counts = [_counts(t.shape[0], n_bootstrap, generator, t.device, cdt) for t in data]
@@ -698,7 +743,10 @@ def multivariate_aot_loss(
         rejected_weights: optional ``[m]``.
         grad: ``"envelope"`` (default, the plan held fixed) or ``"implicit"`` (exact); see
             :func:`otloss.entropic_ot`.
-        max_iter, tol, backend, validate_args: see :func:`otloss.entropic_ot`.
+        max_iter: see :func:`otloss.entropic_ot`.
+        tol: see :func:`otloss.entropic_ot`.
+        backend: see :func:`otloss.entropic_ot`.
+        validate_args: see :func:`otloss.entropic_ot`.
 
     Returns:
         A differentiable 0-d tensor in the dtype of ``chosen``.
@@ -731,7 +779,7 @@ def multivariate_aot_loss(
 
 
 # --------------------------------------------------------------------------------------------------- plots
-def plot_dominance(result: DominanceResult | RankingResult, ax=None):
+def plot_dominance(result: DominanceResult | RankingResult, ax: Axes | None = None) -> Axes:
     """Plot a test or a ranking with matplotlib (imported lazily; ``pip install matplotlib``).
 
     * :class:`DominanceResult`: histogram of the bootstrap ratios, the point estimate, the confidence interval,

@@ -22,11 +22,11 @@ Solvers (``backend``):
 Gradients flow to ``cost`` only (the weights are constants; weights that require grad are rejected):
 
 * ``grad="envelope"`` (default): ``d value / d C = P_eps``, the plan held fixed. This is the exact gradient of the
-  regularised objective (envelope theorem) and the gradient ``ot.sinkhorn2`` gives; as a derivative of the
-  returned ``<P_eps, C>`` it leaves out the term from the plan's own dependence on ``C``, which vanishes as
+  regularised objective (envelope theorem); as a derivative of the returned ``<P_eps, C>`` it leaves out the term from the plan's own dependence on ``C``, which vanishes as
   ``eps -> 0``. It costs nothing beyond the forward pass.
 * ``grad="implicit"``: the exact derivative of ``<P_eps, C>``, by implicit differentiation of the Sinkhorn
-  fixed point (a dense ``k x k`` linear solve per problem, ``k = min(n, m)``); this is what ``gradcheck`` sees.
+  fixed point (a dense ``k x k`` linear solve per problem, ``k = min(n, m)``); this is what ``gradcheck`` sees,
+  and what POT's ``ot.sinkhorn2`` (torch backend) gives at convergence by differentiating through its iterations.
 """
 
 from __future__ import annotations
@@ -38,7 +38,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from otloss._validation import check_finite, check_values_tensor, compute_dtype, resolve_validate
+from otloss._validation import (
+    check_finite,
+    check_values_tensor,
+    compute_dtype,
+    normalise_weights,
+    real_number,
+    resolve_validate,
+)
 
 __all__ = ["EXACT_MAX_SIZE", "entropic_ot"]
 
@@ -64,11 +71,7 @@ def _pot_batch():
 
 def _check_real(x: object, name: str, *, positive: bool = False) -> float:
     """A finite real ``>= 0`` (``> 0`` when ``positive``)."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    x = float(x)
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x}")
+    x = real_number(x, name)
     if positive and x <= 0:
         raise ValueError(f"{name} must be > 0, got {x}")
     if x < 0:
@@ -98,13 +101,13 @@ def _check_weights(w: object, name: str, batch: int, size: int, unbatched: bool,
         pass
     else:
         raise ValueError(f"{name} must have shape {expected} to match cost, got {tuple(w.shape)}")
-    w = w.to(cdt)
-    if validate:
+    if validate:  # in the weights' own dtype: finite float64 weights may exceed the compute dtype
         check_finite(w, name)
         if bool((w < 0).any()):
             raise ValueError(f"{name} must be non-negative, got a minimum of {float(w.min())}")
         if bool((w.sum(-1) <= 0).any()):
             raise ValueError(f"{name} must have a positive sum in every problem, got an all-zero row")
+    w = normalise_weights(w).to(cdt)  # divided by the row's largest weight first: huge weights cannot overflow
     return w / w.sum(-1, keepdim=True)
 
 
@@ -150,7 +153,8 @@ def _sinkhorn_torch(
     # a few iterations each; the fixed point is that of eps alone, reached far sooner when max|C| / eps is large
     f = torch.zeros_like(a) if init is None else init.clone()
     target = eps
-    eps = target if init is not None else max(target, float(C.abs().amax()))
+    # (the largest finite |C|: an infinite entry, a forbidden pair or an overflow, would never halve down to eps)
+    eps = target if init is not None else max(target, float(C.abs().nan_to_num(posinf=0.0).amax()))
     while eps > target:
         neg = C / -eps
         for _ in range(_SCALING_ITERS):
@@ -282,8 +286,8 @@ def entropic_ot(
         backend: ``"auto"`` (POT's batched log-domain Sinkhorn when POT imports, else the torch solver),
             ``"pot"`` (raises ``ImportError`` without POT) or ``"torch"``.
         grad: ``"envelope"`` (default): the gradient with respect to ``cost`` is the plan ``P_eps`` (exact for the
-            regularised objective, what ``ot.sinkhorn2`` gives); ``"implicit"``: the exact derivative of
-            ``<P_eps, C>`` (a dense ``min(n, m)``-sized solve per problem in the backward pass).
+            regularised objective); ``"implicit"``: the exact derivative of ``<P_eps, C>`` (a dense
+            ``min(n, m)``-sized solve per problem in the backward pass; ``ot.sinkhorn2``'s gradient at convergence).
         validate_args: scan for NaN/Inf and bad weights (a host sync on GPU); ``None`` uses
             :func:`otloss.get_validate_args`.
 

@@ -29,8 +29,8 @@ from otloss._validation import (
     type_name,
     vmap_active,
 )
-from otloss.costs import Cost, _real, get_cost, hinge, logistic, squared_hinge, zero_one
-from otloss.coupling import merge_sorted_weights
+from otloss.costs import Cost, ZeroOne, _real, get_cost, hinge, logistic, squared_hinge, zero_one
+from otloss.coupling import merge_sorted_weights, merged_cost
 from otloss.distributed import (
     QuantileMemory,
     check_global_options,
@@ -140,11 +140,17 @@ def _check_options(
     return sorter, validate, check_global_options(global_batch, group, memory)
 
 
-def _nan_unless_valid(out: Tensor, u: Tensor, v: Tensor, a: Tensor | None, b: Tensor | None) -> Tensor:
-    """The value checks under ``torch.func.vmap``, where they cannot raise: NaN for each problem that fails them.
+def _nan_unless_valid(
+    out: Tensor, u: Tensor, v: Tensor, a: Tensor | None, b: Tensor | None, raise_checks: Callable[[], None]
+) -> Tensor:
+    """The value checks under ``torch.func.vmap``: NaN for each problem that fails them, values and derivatives.
 
     ``a`` and ``b`` are the weights after :func:`~otloss._validation.check_weights` (divided by the
-    largest magnitude of their row, so signs and non-finite entries are kept).
+    largest magnitude of their row, so signs and non-finite entries are kept). When the values are not
+    batched (``jacfwd`` and ``hessian`` run ``vmap`` over the tangents only), the check can be read as in
+    an eager call, and a failing one runs ``raise_checks``, which raises the eager call's error.
+    Otherwise the output is multiplied by 1 (each valid problem: bitwise unchanged) or NaN, so that
+    tangents and gradients of a failing problem are NaN too, not the zeros ``where`` would give.
     """
     ok = torch.isfinite(u).all(-1) & torch.isfinite(v).all(-1)
     for w in (a, b):
@@ -152,7 +158,16 @@ def _nan_unless_valid(out: Tensor, u: Tensor, v: Tensor, a: Tensor | None, b: Te
             ok = ok & torch.isfinite(w).all(-1) & (w >= 0).all(-1)
     if out.dim() == 0:
         ok = ok.all()
-    return torch.where(ok, out, torch.full_like(out, float("nan")))
+    try:
+        valid = bool(ok.all())
+    except RuntimeError as e:  # batched values: vmap has no data-dependent control flow
+        if "vmap" not in str(e):
+            raise
+    else:
+        if not valid:
+            raise_checks()
+        return out
+    return out * torch.where(ok, torch.ones_like(out), torch.full_like(out, float("nan")))
 
 
 def _ot_rows(
@@ -207,7 +222,9 @@ def _ot_rows(
         a = torch.ones_like(u) if a is None else a.to(u.dtype).gather(-1, pu)
         b = torch.ones_like(v) if b is None else b.to(v.dtype).gather(-1, pv)
     iu, iv, mass = merge_sorted_weights(a, b)
-    return (mass * cost(us.gather(-1, iu) - vs.gather(-1, iv))).sum(dim=-1)
+    rows = merged_cost(mass, cost(us.gather(-1, iu) - vs.gather(-1, iv)))
+    # a fraction of the quantiles: the rounded interval masses may sum to an ulp above 1
+    return rows.clamp_max(1.0) if type(cost) is ZeroOne else rows
 
 
 def _any_requires_grad(u: Tensor, v: Tensor, u2: Tensor | None, v2: Tensor | None) -> bool:
@@ -475,7 +492,13 @@ def _ot_h_1d(
         check_values = _finite_check(*named) if validate and u.device.type != "meta" else None
         out = _dispatch(u, v, cost, a, b, sorter, reduction, backend, check_values, u2, v2)
     if vmapped:
-        out = _nan_unless_valid(out, u if u2 is None else u - u2, v if v2 is None else v - v2, a, b)
+
+        def raise_checks() -> None:
+            for t, name in named:
+                check_finite(t, name)
+            check_pair(u, v, u_weights, v_weights, True, values=False)
+
+        out = _nan_unless_valid(out, u if u2 is None else u - u2, v if v2 is None else v - v2, a, b, raise_checks)
     return out
 
 

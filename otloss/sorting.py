@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from otloss._reference import functorch_active, sort_with_index
-from otloss._validation import check_finite, check_values_tensor, compute_dtype, resolve_validate
+from otloss._validation import check_finite, check_values_tensor, compute_dtype, real_number, resolve_validate
 
 __all__ = ["SoftSort", "hard_sort", "soft_sort", "torchsort_available"]
 
@@ -771,10 +771,8 @@ class SoftSort:
     backend: Literal["otloss", "torchsort"] = "otloss"
 
     def __post_init__(self) -> None:
-        eps = self.regularization_strength
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-            raise TypeError(f"regularization_strength must be a positive number, got {type(eps).__name__}")
-        if not (math.isfinite(eps) and eps > 0):
+        eps = real_number(self.regularization_strength, "regularization_strength")
+        if not eps > 0:
             raise ValueError(f"regularization_strength must be finite and > 0, got {eps}")
         if self.regularization not in ("l2", "kl"):
             raise ValueError(f"regularization must be 'l2' or 'kl', got {self.regularization!r}")

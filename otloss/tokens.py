@@ -23,7 +23,6 @@ at most a few ``[chunk, V]`` float32 buffers are alive at a time.
 
 from __future__ import annotations
 
-import math
 from typing import Literal, NamedTuple
 
 import torch
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from otloss._validation import check_finite, compute_dtype, resolve_validate
+from otloss._validation import check_finite, compute_dtype, real_number, resolve_validate
 
 __all__ = ["PLOTLoss", "PLOTOutput", "TokenOTLoss", "plot_loss", "token_ot_loss"]
 
@@ -227,10 +226,8 @@ def _check_embeddings(embeddings: object, vocab: int, device: torch.device, logi
 
 
 def _check_number(x: object, name: str, *, positive: bool = False, allow_zero: bool = True) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
-    x = float(x)
-    if not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero) or (positive and x <= 0):
+    x = real_number(x, name)
+    if x < 0 or (x == 0 and not allow_zero) or (positive and x <= 0):
         what = "a finite number > 0" if (positive or not allow_zero) else "a finite number >= 0"
         raise ValueError(f"{name} must be {what}, got {x}")
     return x
@@ -629,8 +626,13 @@ def plot_loss(
         margin: the hinge margin in the units of the cost; ``None`` means 1.0 with the cosine
             cost and must be given with ``"sqeuclidean"``.
         gamma: the logistic push's scale (per unit of cost), 10 by default.
-        mode, cost, epsilon, ignore_index, embedding_grad, chunk_size, solver_options:
-            as in :func:`token_ot_loss`.
+        mode: as in :func:`token_ot_loss`.
+        cost: as in :func:`token_ot_loss`.
+        epsilon: as in :func:`token_ot_loss`.
+        ignore_index: as in :func:`token_ot_loss`.
+        embedding_grad: as in :func:`token_ot_loss`.
+        chunk_size: as in :func:`token_ot_loss`.
+        solver_options: as in :func:`token_ot_loss`.
         aot_kwargs: extra keyword arguments of :func:`otloss.aot_loss` for ``base="aot"``.
         validate_args: as in :func:`token_ot_loss`, also for the base loss.
         return_components: also return the parts, as a :class:`PLOTOutput`.

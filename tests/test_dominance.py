@@ -348,3 +348,57 @@ def test_warm_started_replicates_equal_cold_solves():
     warm = s.resampled(wx, wy)
     cold = torch.stack([dom._ratio_from_costs(s.C2, wx[r], wy[r], 0.05, solver) for r in range(3)])
     torch.testing.assert_close(warm, cold, **SINKHORN)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("scale", [1e-23, 1e-30, 1e20, 1e30])
+def test_the_ratio_does_not_depend_on_the_scale_of_the_samples(order, scale):
+    # float32 squares of tiny values underflow (0 / 0 read as a tie) and of huge ones overflow
+    x, y = torch.tensor([0.0, 2.0, 3.0]), torch.tensor([1.0, 1.5, 4.0])
+    want = dom.violation_ratio(x.double(), y.double(), order=order).item()
+    assert want not in (0.0, 0.5, 1.0) or order == 2
+    assert dom.violation_ratio(x * scale, y * scale, order=order).item() == pytest.approx(want, rel=1e-5)
+    for cost in ("hinge", "zero_one"):
+        if order == 1:
+            got = dom.violation_ratio(x * scale, y * scale, cost=cost).item()
+            assert got == pytest.approx(dom.violation_ratio(x, y, cost=cost).item(), rel=1e-5)
+    # the gradient follows the scale: d ratio / dx at x * scale is (d ratio / dx) / scale
+    xs = (x.double() * scale).requires_grad_(True)
+    dom.violation_ratio(xs, y.double() * scale, order=order).backward()
+    xd = x.double().requires_grad_(True)
+    dom.violation_ratio(xd, y.double(), order=order).backward()
+    torch.testing.assert_close(xs.grad * scale, xd.grad)
+
+
+def test_scale_free_tests_and_rankings():
+    x, y = torch.tensor([0.0, 2.0, 3.0, 1.0]), torch.tensor([1.0, 1.5, 4.0, 2.0])
+    g = torch.Generator()
+    small = dom.dominance_test(x * 1e-23, y * 1e-23, n_bootstrap=20, generator=g.manual_seed(0))
+    plain = dom.dominance_test(x, y, n_bootstrap=20, generator=g.manual_seed(0))
+    assert small.ratio == pytest.approx(plain.ratio, rel=1e-5) and small.ratio not in (0.5,)
+    torch.testing.assert_close(small.bootstrap, plain.bootstrap)
+    ranked = dom.rank_models({"a": x * 1e-23, "b": y * 1e-23}, n_bootstrap=10, generator=g.manual_seed(0))
+    torch.testing.assert_close(ranked.pairwise, dom.rank_models({"a": x, "b": y}, n_bootstrap=10).pairwise)
+    # the joint (entropic) ratio: eps is scaled with the costs, so the ratio is unchanged too
+    X = torch.rand(6, 2, generator=g.manual_seed(0))
+    Y = torch.rand(5, 2, generator=g.manual_seed(1))
+    want = dom.violation_ratio(X, Y, backend="torch")
+    got = dom.violation_ratio(X * 64.0, Y * 64.0, epsilon=0.02 * 64.0**2, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_nan_ratio_is_not_reported_as_a_tie():
+    x, y = torch.tensor([0.0, float("nan"), 3.0]), torch.tensor([1.0, 1.5, 4.0])
+    assert torch.isnan(dom.violation_ratio(x, y, validate_args=False))
+    assert torch.isnan(dom.violation_ratio(x, y, order=2, validate_args=False))
+    same = torch.tensor([1.0, 2.0, 3.0])
+    assert dom.violation_ratio(same, same.clone()).item() == 0.5  # tied samples: 0 / 0 is a tie
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_huge_finite_weights_give_the_ratio_of_moderate_ones(order):
+    x, y = torch.tensor([0.0, 2.0, 3.0]), torch.tensor([1.0, 1.5, 4.0])
+    w = torch.tensor([1.0, 2.0, 1.0])
+    want = dom.violation_ratio(x, y, x_weights=w, order=order)
+    for big in (w * 1e38, w.double() * 1e300):
+        torch.testing.assert_close(dom.violation_ratio(x, y, x_weights=big, order=order), want)

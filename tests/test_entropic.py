@@ -286,3 +286,48 @@ def test_entropic_ot_in_public_api():
     assert otloss.entropic_ot is ent.entropic_ot
     assert "entropic_ot" in otloss.__all__
     np.testing.assert_equal(ent.__all__, sorted(ent.__all__))
+
+
+def test_an_infinite_cost_entry_ends_instead_of_looping_forever():
+    # the epsilon-scaling warm-up starts from the largest finite |C| (inf / 2 stays inf)
+    C = torch.tensor([[[0.0, float("inf")], [1.0, 0.0]]])
+    with pytest.raises(ValueError, match="cost contains non-finite"):
+        otloss.entropic_ot(C, epsilon=0.1, backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = otloss.entropic_ot(C, epsilon=0.1, validate_args=False, backend="torch")
+    assert out.shape == (1,)
+    # finite embeddings whose float32 token cost overflows: a clear error, not a hang
+    E = torch.tensor([[1.2e19], [-1.2e19]])
+    logits, labels = torch.tensor([[[20.0, -20.0], [-20.0, 20.0]]]), torch.tensor([[0, 1]])
+    with pytest.raises(ValueError, match="overflowed"):
+        otloss.token_ot_loss(logits, labels, E, cost="sqeuclidean", solver_options={"backend": "torch"})
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("pot", marks=requires_pot)])
+def test_huge_finite_weights_give_the_value_of_moderate_ones(backend):
+    C = torch.rand(3, 4, generator=torch.Generator().manual_seed(0))
+    w = torch.tensor([3.0, 3.0, 1.0])
+    want = otloss.entropic_ot(C, w, epsilon=0.1, backend=backend)
+    for big in (w * 1e38, w.double() * 1e300):  # float32 sums would overflow; float64 casts would
+        torch.testing.assert_close(otloss.entropic_ot(C, big, epsilon=0.1, backend=backend), want)
+
+
+@requires_pot
+def test_implicit_gradient_is_pots_and_envelope_is_the_plan():
+    import ot
+
+    g = torch.Generator().manual_seed(0)
+    C = torch.rand(4, 6, generator=g, dtype=torch.float64)
+    a, b = torch.full((4,), 0.25, dtype=torch.float64), torch.full((6,), 1 / 6, dtype=torch.float64)
+    M = C.clone().requires_grad_(True)
+    ot.sinkhorn2(a, b, M, 0.1, numItermax=20_000, stopThr=1e-14).backward()
+    grads = {}
+    for mode in ("envelope", "implicit"):
+        X = C.clone().requires_grad_(True)
+        otloss.entropic_ot(X, a, b, epsilon=0.1, grad=mode, tol=1e-13, max_iter=100_000).backward()
+        grads[mode] = X.grad
+    torch.testing.assert_close(grads["implicit"], M.grad, rtol=0, atol=1e-10)
+    _, plan = otloss.entropic_ot(C, a, b, epsilon=0.1, tol=1e-13, max_iter=100_000, return_plan=True)
+    torch.testing.assert_close(grads["envelope"], plan, rtol=0, atol=1e-12)
+    assert (grads["envelope"] - M.grad).abs().max() > 1e-3  # the two modes differ at eps = 0.1

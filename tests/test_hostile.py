@@ -426,7 +426,7 @@ def test_numpy_bools_are_accepted_and_other_types_named():
         otloss.set_validate_args(1)
     with pytest.raises(TypeError, match=r"got torch.Tensor"):
         otloss.set_validate_args(torch.tensor(True))
-    with pytest.raises(TypeError, match=r"validate_args must be a bool or None, got numpy.int64"):
+    with pytest.raises(TypeError, match=r"validate_args must be a bool or None, got numpy.int64 1$"):
         otloss.ot_h_1d(torch.randn(3), torch.randn(3), "abs_pow", validate_args=np.int64(1))
     u = torch.tensor([0.0, float("nan")])
     assert math.isnan(otloss.ot_h_1d(u, torch.zeros(2), "abs_pow", validate_args=np.bool_(False)).item())
@@ -507,3 +507,161 @@ def test_builtin_costs_are_immutable_so_no_path_sees_a_stale_parameter(make, att
     with torch.no_grad():
         expected = otloss.ot_h_1d(u, v, cost)
     torch.testing.assert_close(otloss.ot_h_1d(u, v, cost).detach(), expected)
+
+
+# --- zero weights, overflow and NaN on the merged-interval path (n != m or weights) ---
+
+
+@pytest.mark.parametrize("side", ["u", "v"])
+@pytest.mark.parametrize("dtype, far", [(torch.float32, -1e20), (torch.float64, -1e200)])
+def test_an_overflowing_atom_of_zero_weight_does_not_count(side, dtype, far):
+    # the zero-weight atom is no part of the measure: the cost is that of the rest (0.5), not 0 * inf = NaN
+    near, other = torch.tensor([far, 0.0], dtype=dtype), torch.tensor([0.0, 1.0], dtype=dtype)
+    w = torch.tensor([0.0, 1.0], dtype=dtype)
+    for cost in ("least_squares", otloss.abs_pow(2.0), otloss.abs_pow(3.0)):
+        if side == "u":
+            got = otloss.ot_h_1d(near, other, cost, u_weights=w)
+            want = otloss.ot_h_1d(near[1:], other, cost)
+        else:
+            got = otloss.ot_h_1d(other, near, cost, v_weights=w)
+            want = otloss.ot_h_1d(other, near[1:], cost)
+        assert got.item() == pytest.approx(0.5) and got.item() == pytest.approx(want.item())
+    # the gradient to the values is that of the measure without the atom
+    u = near.clone().requires_grad_(True)
+    otloss.ot_h_1d(u, other, "least_squares", u_weights=w).backward()
+    assert u.grad.tolist() == [0.0, -1.0]
+
+
+def test_a_zero_weight_keeps_its_finite_derivative():
+    # the derivative with respect to a zero weight is the cost of moving mass onto its atom (9 here)
+    u = torch.tensor([-3.0, 0.0], dtype=torch.float64)
+    v = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    w = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    otloss.ot_h_1d(u, v, "least_squares", u_weights=w).backward()
+
+    def f(e):
+        return otloss.ot_h_1d(u, v, "least_squares", u_weights=torch.tensor([e, 1.0], dtype=torch.float64))
+
+    assert w.grad[0].item() == pytest.approx(((f(1e-7) - f(0.0)) / 1e-7).item(), rel=1e-5)
+    assert w.grad[0].item() == pytest.approx(9.0)
+
+
+def test_an_overflowing_cost_with_unequal_sizes_is_inf_not_nan():
+    u, v = torch.tensor([1e20, 2e20]), torch.tensor([0.0, 1.0, 2.0, 3.0])
+    assert otloss.ot_h_1d(u, v, otloss.abs_pow(2)).item() == math.inf  # n == m gives inf too
+    assert otloss.ot_h_1d(u[:1].expand(4), v, otloss.abs_pow(2)).item() == math.inf
+    assert otloss.ot_h_1d(u, v, "least_squares", u_weights=torch.tensor([1.0, 3.0])).item() == math.inf
+    got = otloss.sliced_ot(u[:, None], v[:, None], otloss.abs_pow(2), projections=torch.ones(1, 1))
+    assert got.item() == math.inf
+    # a NaN input with checks off still gives NaN on that path
+    bad = torch.tensor([0.0, float("nan")])
+    assert torch.isnan(otloss.ot_h_1d(bad, v, "least_squares", validate_args=False))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", [0, 1])
+def test_a_non_finite_weight_with_checks_off_gives_nan_for_its_row_only(bad, where):
+    u, v = torch.tensor([[0.0, 1.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0, 5.0], [0.0, 1.0, 5.0]])
+    w = torch.ones(2, 2)
+    w[0, where] = bad
+    for cost in ("abs_pow", "logistic"):
+        rows = otloss.ot_h_1d(u, v, cost, u_weights=w, validate_args=False, reduction="none")
+        assert torch.isnan(rows[0]) and rows[1].item() == pytest.approx(otloss.ot_h_1d(u[1], v[1], cost).item())
+        rows = otloss.ot_h_1d(v, u, cost, v_weights=w, validate_args=False, reduction="none")
+        assert torch.isnan(rows[0]) and torch.isfinite(rows[1])
+    q = otloss.quantile_function(u, [0.0, 0.25, 1.0], w, validate_args=False)
+    assert torch.isnan(q[0]).all() and q[1].tolist() == [0.0, 0.0, 1.0]
+    zero = otloss.ot_h_1d(u[0], v[0], "abs_pow", u_weights=torch.zeros(2), validate_args=False)
+    assert torch.isnan(zero)
+
+
+def test_quantile_at_zero_is_the_least_atom_of_positive_weight():
+    x, w = torch.tensor([-100.0, 1.0, 2.0]), torch.tensor([0.0, 1.0, 1.0])
+    assert otloss.quantile_function(x, [0.0, 1e-6, 0.5, 1.0], w).tolist() == [1.0, 1.0, 1.0, 2.0]
+    margins = otloss.quantile_margins(x, torch.tensor([0.0, 0.5]), [0.0], u_weights=w)
+    assert margins.tolist() == [1.0]
+    # without zero weights Q(0) is the minimum, as before
+    assert otloss.quantile_function(torch.tensor([3.0, 1.0, 2.0]), [0.0, 0.25, 0.5, 1.0]).tolist() == [1, 1, 2, 3]
+
+
+def test_the_area_measure_propagates_nan_and_stays_a_fraction():
+    nan = float("nan")
+    u, v = torch.tensor([[0.0, 1.0, nan], [0.0, 1.0, 2.0]]), torch.ones(2, 3)
+    for vv in (v, torch.ones(2, 4)):  # the sorted path and the merged path
+        rows = otloss.fsd_violation(u, vv, "area", reduction="none", validate_args=False)
+        assert torch.isnan(rows[0]) and rows[1].item() == pytest.approx(1 / 3)
+    # float32 interval masses can sum to an ulp above 1: the fraction is clamped to [0, 1]
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(100, generator=g), torch.randn(60, generator=g) + 0.5
+    assert otloss.fsd_violation(a, b, "area").item() <= 1.0
+    assert otloss.fsd_violation(torch.zeros(100), torch.ones(60), "area").item() == 1.0
+
+
+def test_jacfwd_and_hessian_raise_on_nan_like_eager_calls():
+    # jacfwd runs vmap over the tangents only: the values are not batched and are checked as eagerly
+    v = torch.randn(4, dtype=torch.float64)
+    x = torch.tensor([1.0, float("nan"), 0.0, 2.0], dtype=torch.float64)
+    for cost in ("logistic", "abs_pow"):
+        for transform in (torch.func.jacfwd, torch.func.jacrev, torch.func.hessian):
+            with pytest.raises(ValueError, match="u contains non-finite"):
+                transform(lambda a, c=cost: otloss.ot_h_1d(a, v, c))(x)
+    with pytest.raises(ValueError, match="u_weights must be non-negative"):
+        w = torch.tensor([1.0, -1.0, 1.0, 1.0], dtype=torch.float64)
+        torch.func.jacfwd(lambda a: otloss.ot_h_1d(a, v, "abs_pow", u_weights=w))(x.nan_to_num())
+    with pytest.raises(ValueError, match="policy_chosen_logps contains non-finite"):
+        torch.func.jacfwd(lambda a: otloss.aot_loss(a, v, v, v))(x)
+    # finite values: jacfwd is the gradient
+    y = torch.randn(4, dtype=torch.float64)
+    torch.testing.assert_close(
+        torch.func.jacfwd(lambda a: otloss.ot_h_1d(a, v, "logistic"))(y),
+        torch.func.grad(lambda a: otloss.ot_h_1d(a, v, "logistic"))(y),
+    )
+
+
+def test_vmapped_gradients_and_tangents_of_a_failed_problem_are_nan_not_zero():
+    v = torch.randn(4)
+    U = torch.randn(3, 4)
+    U[1, 2] = float("nan")
+    f = lambda a: otloss.ot_h_1d(a, v, "logistic")  # noqa: E731
+    for transform in (torch.func.grad, torch.func.jacfwd, torch.func.jacrev):
+        per = torch.func.vmap(transform(f))(U)
+        assert torch.isnan(per[1]).all() and torch.isfinite(per[[0, 2]]).all()
+        torch.testing.assert_close(per[0], torch.func.grad(f)(U[0]))
+    # the valid problems' values are bitwise those of the eager call
+    rows = torch.func.vmap(f)(U)
+    assert torch.isnan(rows[1]) and rows[0].item() == f(U[0]).item() and rows[2].item() == f(U[2]).item()
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda big: otloss.logistic(big), "beta"),
+        (lambda big: otloss.hinge(big), "beta"),
+        (lambda big: otloss.abs_pow(big), "p"),
+        (lambda big: otloss.aot_loss(*[torch.randn(3)] * 4, beta=big), "beta"),
+        (lambda big: otloss.AOTLoss(beta=big), "beta"),
+        (lambda big: otloss.SoftSort(big), "regularization_strength"),
+        (lambda big: otloss.entropic_ot(torch.rand(2, 3), epsilon=big), "epsilon"),
+        (lambda big: otloss.violation_ratio(torch.rand(4, 2), torch.rand(3, 2), epsilon=big), "epsilon"),
+        (lambda big: otloss.quantile_function(torch.randn(3), [big]), "t"),
+        (lambda big: otloss.token_ot_loss(torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long),
+                                          torch.randn(3, 4), epsilon=big), "epsilon"),  # fmt: skip
+    ],
+)
+def test_an_integer_beyond_the_float_range_is_a_value_error_naming_the_argument(call, name):
+    with pytest.raises(ValueError, match=rf"^{name} must (be finite|lie in \[0, 1\]), got an integer too large"):
+        call(10**400)
+
+
+def test_numpy_float32_scalars_are_real_numbers_everywhere():
+    x = torch.randn(5)
+    eps = np.float32(0.5)
+    assert torch.equal(otloss.soft_sort(x, eps), otloss.soft_sort(x, 0.5))
+    C = torch.rand(2, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(otloss.entropic_ot(C, epsilon=eps), otloss.entropic_ot(C, epsilon=0.5))
+    X, Y = torch.rand(5, 2), torch.rand(4, 2)
+    torch.testing.assert_close(
+        otloss.violation_ratio(X, Y, epsilon=eps, backend="torch"),
+        otloss.violation_ratio(X, Y, epsilon=0.5, backend="torch"),
+    )
+    assert otloss.logistic(np.float32(2.0)).beta == 2.0
