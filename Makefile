@@ -42,7 +42,7 @@ install-demo: $(VENV)/.installed-demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
-	$(VENV)/bin/mkdocs build --strict --quiet
+	$(VENV)/bin/mkdocs build --strict
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -m "not slow" -x -q

@@ -158,7 +158,9 @@ class AOTAlignmentModule(pl.LightningModule):
             (per completion token).
         optimizer: ``"adamw"`` (``torch.optim.AdamW``) or a callable taking the
             trainable parameters and returning an optimizer.
-        lr, weight_decay, optimizer_kwargs: AdamW's (ignored by a callable ``optimizer``).
+        lr: AdamW's learning rate (ignored by a callable ``optimizer``).
+        weight_decay: AdamW's weight decay (ignored by a callable ``optimizer``).
+        optimizer_kwargs: further AdamW keyword arguments (ignored by a callable ``optimizer``).
         lr_scheduler: ``None`` or a callable taking the optimizer and returning a
             scheduler (stepped every optimizer step) or a Lightning
             ``lr_scheduler`` config dict.
@@ -171,10 +173,13 @@ class AOTAlignmentModule(pl.LightningModule):
             model). ``None`` uses the model's ``_no_split_modules`` (the decoder
             layer class of every ``transformers`` LM). Ignored by other strategies.
         fsdp2_kwargs: extra keyword arguments for ``fully_shard`` (e.g. ``mp_policy``).
-        plot_alpha, plot_mode, plot_cost, plot_epsilon, plot_margin, plot_embedding_grad:
-            the PLOT term, with the meanings and defaults of the TRL adapter's
-            ``PLOTOptions``; ``plot_alpha=0`` (default) turns PLOT off: the loss, the
-            metrics and the work are exactly AOT's.
+        plot_alpha: weight of the PLOT term, as in the TRL adapter's ``PLOTOptions``;
+            ``0`` (default) turns PLOT off: the loss, the metrics and the work are exactly AOT's.
+        plot_mode: as in the TRL adapter's ``PLOTOptions`` (same default).
+        plot_cost: as in the TRL adapter's ``PLOTOptions`` (same default).
+        plot_epsilon: as in the TRL adapter's ``PLOTOptions`` (same default).
+        plot_margin: as in the TRL adapter's ``PLOTOptions`` (same default).
+        plot_embedding_grad: as in the TRL adapter's ``PLOTOptions`` (same default).
 
     Raises:
         ValueError / TypeError: incompatible options, at construction.
@@ -607,7 +612,10 @@ class AOTDataModule(pl.LightningDataModule):
         paired: paired or unpaired examples.
         batch_size: per-process training batch size (pairs, or samples when unpaired).
         val_batch_size: defaults to ``batch_size``.
-        max_length, max_prompt_length, add_eos, pad_to_multiple_of: see :class:`PairedCollator`.
+        max_length: see :class:`PairedCollator`.
+        max_prompt_length: see :class:`PairedCollator`.
+        add_eos: see :class:`PairedCollator`.
+        pad_to_multiple_of: see :class:`PairedCollator`.
         shuffle: shuffle the training data.
         seed: shuffling seed.
         num_workers: ``DataLoader`` workers.

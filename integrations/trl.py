@@ -154,8 +154,9 @@ class PLOTOptions:
     Args:
         plot_alpha: weight of ``L_PLOT``, ``>= 0``; ``0`` (default) turns PLOT off (the
             loss, metrics and work are exactly those without it).
-        plot_mode, plot_cost, plot_epsilon: ``mode``, ``cost`` and ``epsilon`` of
-            :func:`otloss.token_ot_loss` (defaults ``"sequence"``, ``"cosine"``, ``0.05``).
+        plot_mode: ``mode`` of :func:`otloss.token_ot_loss` (default ``"sequence"``).
+        plot_cost: ``cost`` of :func:`otloss.token_ot_loss` (default ``"cosine"``).
+        plot_epsilon: ``epsilon`` of :func:`otloss.token_ot_loss` (default ``0.05``).
         plot_margin: the hinge margin of the push on rejected responses; ``None`` is 1.0
             with the cosine cost and must be given with ``"sqeuclidean"``.
         plot_embedding_grad: let gradients flow into the embedding matrix (default:
@@ -180,12 +181,28 @@ class PLOTOptions:
         )
 
 
+def _bf16_off_without_an_accelerator(config: DPOConfig) -> None:
+    """``bf16`` left unset, no bf16-capable accelerator, ``use_cpu`` not set: float32, not a refusal.
+
+    ``DPOConfig`` turns an unset ``bf16`` on, and ``TrainingArguments`` then refuses to run on a
+    machine without a bf16-capable GPU ("Your setup doesn't support bf16/gpu").
+    """
+    if config.bf16 is None and not config.fp16 and not config.use_cpu:
+        if not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
+            config.bf16 = False
+
+
 @dataclass
 class PLOTDPOConfig(PLOTOptions, DPOConfig):
-    """``DPOConfig`` plus the options of :class:`PLOTOptions`, for :class:`PLOTDPOTrainer`."""
+    """``DPOConfig`` plus the options of :class:`PLOTOptions`, for :class:`PLOTDPOTrainer`.
+
+    ``bf16`` left unset is turned off on a machine without a bf16-capable accelerator (and
+    without ``use_cpu=True``), as in :class:`AOTConfig`; everywhere else it follows ``DPOConfig``.
+    """
 
     def __post_init__(self) -> None:
         self._build_plot()
+        _bf16_off_without_an_accelerator(self)
         super().__post_init__()
 
 
@@ -336,9 +353,7 @@ class AOTConfig(PLOTOptions, DPOConfig):
         self.paired, self.loss_type = _resolve_loss_type(self.loss_type, self.paired)
         _build_loss(self)
         self._build_plot()
-        if self.bf16 is None and not self.fp16 and not self.use_cpu:
-            if not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
-                self.bf16 = False  # no bf16-capable accelerator: TrainingArguments would refuse bf16
+        _bf16_off_without_an_accelerator(self)
         super().__post_init__()
 
 

@@ -697,12 +697,13 @@ def test_bf16_left_unset_is_off_without_a_bf16_accelerator(tmp_path):
     from transformers.utils import is_torch_bf16_gpu_available
 
     out = str(tmp_path)
-    assert AOTConfig(output_dir=out).bf16 is is_torch_bf16_gpu_available()
-    assert AOTConfig(output_dir=out, use_cpu=True).bf16 is DPOConfig(output_dir=out, use_cpu=True).bf16 is True
-    assert AOTConfig(output_dir=out, bf16=False).bf16 is False
-    if not is_torch_bf16_gpu_available():  # an explicit request is refused as by DPOConfig
-        with pytest.raises(ValueError, match="bf16"):
-            AOTConfig(output_dir=out, bf16=True)
+    for config in (AOTConfig, PLOTDPOConfig):
+        assert config(output_dir=out).bf16 is is_torch_bf16_gpu_available()
+        assert config(output_dir=out, use_cpu=True).bf16 is DPOConfig(output_dir=out, use_cpu=True).bf16 is True
+        assert config(output_dir=out, bf16=False).bf16 is False
+        if not is_torch_bf16_gpu_available():  # an explicit request is refused as by DPOConfig
+            with pytest.raises(ValueError, match="bf16"):
+                config(output_dir=out, bf16=True)
         with pytest.raises(ValueError, match="bf16"):
             DPOConfig(output_dir=out)
 
@@ -721,6 +722,18 @@ def test_docs_first_snippet_runs_as_pasted(tmp_path, monkeypatch):
     args = namespace["args"]
     assert isinstance(args, AOTConfig) and args.loss_type == ["aot"] and args.beta == 0.01
     assert args.bf16 is is_torch_bf16_gpu_available()  # float32 on a CPU-only machine
+
+
+def test_docs_plot_config_lines_run_as_pasted(tmp_path, monkeypatch):
+    # the PLOT snippet's import and config lines (its trainer line needs a model and data)
+    block = next(b for b in _python_blocks(REPO / "docs" / "trl.md") if "PLOTDPOConfig(" in b)
+    lines = [line for line in block.splitlines() if line.startswith(("from ", "args = "))]
+    assert len(lines) == 3
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile("\n".join(lines), "docs/trl.md", "exec"), namespace)
+    args = namespace["args"]
+    assert isinstance(args, PLOTDPOConfig) and args.plot_alpha == 0.5 and args.plot_mode == "position"
 
 
 # ---------------------------------------------------------------- example script
