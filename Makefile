@@ -42,7 +42,7 @@ install-demo: $(VENV)/.installed-demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -m "not slow" -x -q
@@ -97,10 +97,10 @@ gpu-check:
 	bash benchmarks/gpu_check.sh $(OUT)
 
 docs: $(VENV)/.installed
-	$(VENV)/bin/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 docs-build: $(VENV)/.installed
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 demo install-demo: PIP_QUIET := --progress-bar on
 demo: $(VENV)/.installed-demo

@@ -58,6 +58,13 @@ def real_number(x: object, name: str) -> float:
     return value
 
 
+def integer(x: object, name: str) -> int:
+    """``x`` as a Python ``int``: a Python or NumPy integer (not a ``bool``); ``TypeError`` otherwise."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type_name(x)}")
+    return int(x)
+
+
 def as_bool(value: object, name: str) -> bool:
     """``value`` as a ``bool``; Python and NumPy booleans are accepted, anything else is a ``TypeError``."""
     if isinstance(value, (bool, np.bool_)):

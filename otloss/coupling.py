@@ -56,6 +56,24 @@ class Coupling(_Plan):
     n: int | None = None
     m: int | None = None
 
+    def _check_fields(self) -> None:
+        """A plan built by hand: tensors, integer indices, floating masses, one shape for the three."""
+        for field in ("u_index", "v_index", "mass"):
+            value = getattr(self, field)
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{field} must be a torch.Tensor, got {type_name(value)}")
+        for field in ("u_index", "v_index"):
+            index = getattr(self, field)
+            if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+                raise TypeError(f"{field} must hold integer indices, got {index.dtype}")
+        if not self.mass.is_floating_point():
+            raise TypeError(f"mass must have a floating-point dtype, got {self.mass.dtype}")
+        if not self.u_index.shape == self.v_index.shape == self.mass.shape:
+            raise ValueError(
+                "u_index, v_index and mass must have one shape, got "
+                f"{tuple(self.u_index.shape)}, {tuple(self.v_index.shape)} and {tuple(self.mass.shape)}"
+            )
+
     def _replace(self, **fields: Tensor) -> Coupling:
         """A copy with some of ``u_index``, ``v_index``, ``mass`` replaced; the sizes are kept."""
         return type(self)(**{**self._asdict(), **fields}, n=self.n, m=self.m)
@@ -69,6 +87,7 @@ class Coupling(_Plan):
                 sizes cannot give a wrong plan), and so does one that an index exceeds.
             m: likewise for ``v``.
         """
+        self._check_fields()
         sizes = []
         for given, known, name, index in ((n, self.n, "n", self.u_index), (m, self.m, "m", self.v_index)):
             if given is None and known is None:
@@ -81,6 +100,9 @@ class Coupling(_Plan):
                 )
             if index.numel() and int(index.max()) >= size:
                 raise ValueError(f"{name}={size} is too small for this plan: an index is {int(index.max())}")
+            if index.numel() and int(index.min()) < 0:
+                field = "u_index" if name == "n" else "v_index"
+                raise ValueError(f"{field} must be non-negative, got {int(index.min())}")
             sizes.append(size)
         n, m = sizes
         batch = self.mass.shape[:-1]
@@ -180,6 +202,11 @@ def quantile_coupling(
     u_index = pu.gather(-1, iu)
     v_index = pv.gather(-1, iv)
     if u.dim() == 1:
+        if mass.device.type == "meta":
+            raise ValueError(
+                "quantile_coupling of 1-D meta tensors: the number of pairs depends on the values, which meta "
+                "tensors do not have; pass [1, n] and [1, m] rows for a plan of fixed width n + m - 1"
+            )
         keep = mass > 0
         u_index, v_index, mass = u_index[keep], v_index[keep], mass[keep]
     return Coupling(u_index, v_index, mass, n=u.shape[-1], m=v.shape[-1])

@@ -40,9 +40,9 @@ def _levels(t: object, dtype: torch.dtype, device: torch.device, name: str = "t"
     if isinstance(t, Tensor):
         if t.is_complex() or t.dtype == torch.bool or t.layout != torch.strided:
             raise TypeError(f"{name} must be a real dense tensor, got {t.dtype} ({t.layout})")
-        levels = t.detach().to(device=device, dtype=dtype)
+        levels = t.detach().to(dtype=dtype)
     elif isinstance(t, numbers.Real):
-        levels = torch.tensor([_level(t, name)], dtype=dtype, device=device)
+        levels = torch.tensor([_level(t, name)], dtype=dtype)
     else:
         try:
             items = list(t)  # type: ignore[call-overload]
@@ -53,15 +53,20 @@ def _levels(t: object, dtype: torch.dtype, device: torch.device, name: str = "t"
         bad = [x for x in items if isinstance(x, bool) or not isinstance(x, numbers.Real)]
         if bad:
             raise TypeError(f"{name} must hold real numbers, got {type_name(bad[0])} {bad[0]!r}")
-        levels = torch.tensor([_level(x, name) for x in items], dtype=dtype, device=device)
+        levels = torch.tensor([_level(x, name) for x in items], dtype=dtype)
     if levels.dim() > 1:
         raise ValueError(f"{name} must be a number or 1-D, got shape {tuple(levels.shape)}")
     levels = levels.reshape(-1)
     if levels.numel() == 0:
         raise ValueError(f"{name} must hold at least one level")
+    if levels.device.type == "meta":
+        if torch.device(device).type != "meta":
+            raise ValueError(f"{name} is on the meta device (no values) but the samples are on {device}")
+        return levels
+    # checked where they are, before the move: numbers are checked even for samples on the meta device
     if bool(((levels < 0) | (levels > 1) | torch.isnan(levels)).any()):
         raise ValueError(f"{name} must lie in [0, 1], got {levels.tolist()}")
-    return levels
+    return levels.to(device)
 
 
 def _quantiles(x: Tensor, t: Tensor, w: Tensor | None) -> Tensor:
@@ -151,7 +156,8 @@ def fsd_report(u: Tensor, v: Tensor, quantiles: Sequence[float] = DEFAULT_QUANTI
     """Scalar FSD diagnostics of 1-D ``u`` over ``v`` for logging.
 
     Returns a dict with ``fsd_area``, ``fsd_w1``, ``fsd_w2`` (see
-    :func:`otloss.fsd_violation`) and ``quantile_margin_<t>`` for each level.
+    :func:`otloss.fsd_violation`) and ``quantile_margin_<t>`` for each level (``t`` with six significant
+    digits, or as many more as keep distinct levels apart).
     Values are checked as :func:`otloss.get_validate_args` says (NaN/Inf raise ``ValueError``).
     """
     check_values_tensor(u, "u")
@@ -162,6 +168,10 @@ def fsd_report(u: Tensor, v: Tensor, quantiles: Sequence[float] = DEFAULT_QUANTI
     levels = _levels(quantiles, compute_dtype(u.dtype), u.device, "quantiles")
     out = {f"fsd_{m}": float(fsd_violation(u, v, m)) for m in ("area", "w1", "w2")}
     margins = quantile_margins(u, v, quantiles)
-    for q, d in zip(levels.tolist(), margins.tolist()):
-        out[f"quantile_margin_{q:g}"] = d
+    qs = levels.tolist()
+    for digits in (6, 7, 8, 9, 17):  # ``:g``'s six digits, more only when distinct levels would share a key
+        keys = [f"quantile_margin_{q:.{digits}g}" for q in qs]
+        if len(set(keys)) == len(set(qs)):
+            break
+    out.update(zip(keys, margins.tolist()))
     return out

@@ -29,7 +29,15 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from otloss._validation import check_finite, compute_dtype, normalise_weights, real_number, resolve_validate
+from otloss._validation import (
+    check_dense_float,
+    check_finite,
+    compute_dtype,
+    integer,
+    normalise_weights,
+    real_number,
+    resolve_validate,
+)
 from otloss.costs import Cost, get_cost
 from otloss.entropic import _sinkhorn_torch, _warn_unless_converged, entropic_ot
 from otloss.functional import ot_h_1d
@@ -58,8 +66,7 @@ EPS_PER_METRIC = 0.01
 def _check_samples(x: object, name: str, min_n: int = 2) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
+    check_dense_float(x, name)
     if x.dim() not in (1, 2):
         raise ValueError(f"{name} must have shape [n] (one metric) or [n, d] (d metrics), got {tuple(x.shape)}")
     if x.shape[0] < min_n:
@@ -104,6 +111,14 @@ def _resolve_cost(cost: object, beta: float | None) -> Cost:
     return get_cost(cost, beta=default if beta is None else beta)
 
 
+def _check_entropic_cost(h: Cost, multivariate: bool) -> None:
+    if multivariate and h.name == "zero_one":
+        raise ValueError(
+            "cost='zero_one' (the area ratio) is for [n] inputs, solved exactly by sorting; [n, d] inputs and "
+            "aggregate='multivariate' use the entropic solver: pass a hinge, squared hinge or logistic cost"
+        )
+
+
 def _resolve_eps(epsilon: object, d: int, multivariate: bool) -> float:
     if not multivariate:
         if epsilon is not None:
@@ -118,6 +133,11 @@ def _resolve_eps(epsilon: object, d: int, multivariate: bool) -> float:
     if eps < 0:
         raise ValueError(f"epsilon must be finite and >= 0, got {eps}")
     return eps
+
+
+def _refuse_meta(x: Tensor, what: str) -> None:
+    if x.device.type == "meta":
+        raise ValueError(f"{what} reports numbers computed from the samples' values; meta tensors have none")
 
 
 def _check_order(order: object, multivariate: bool) -> int:
@@ -143,7 +163,7 @@ def _scale_free(h: Cost, eps: float, samples: list[Tensor]) -> tuple[list[Tensor
     ``[0.5, 1)`` keeps float32 costs of tiny values from underflowing to a false tie (``0 / 0``) and
     those of huge ones from overflowing. A power of two scales exactly (short of subnormals).
     """
-    if h.degree is None:
+    if h.degree is None or samples[0].device.type == "meta":  # (meta: no values, shape inference only)
         return samples, eps
     big = max(float(t.detach().abs().nan_to_num(nan=0.0, posinf=0.0).amax()) for t in samples)
     if not 0.0 < big < math.inf:
@@ -282,6 +302,7 @@ def violation_ratio(
     if order == 2 and (cost != "squared_hinge" or beta is not None):
         raise ValueError("order=2 uses its own (squared hinge) ratio: leave cost and beta at their defaults")
     eps = _resolve_eps(epsilon, x.shape[-1] if multivariate else 1, multivariate)
+    _check_entropic_cost(h, multivariate)
     cdt = compute_dtype(x.dtype)
     (xc, yc), eps = _scale_free(h, eps, [x.to(cdt), y.to(cdt)])
     wx = _weights(x_weights, x.shape[0], "x_weights", xc, validate)
@@ -300,8 +321,9 @@ def violation_ratio(
 def _weights(w: object, n: int, name: str, values: Tensor, validate: bool) -> Tensor | None:
     if w is None:
         return None
-    if not isinstance(w, Tensor) or not w.is_floating_point():
+    if not isinstance(w, Tensor):
         raise TypeError(f"{name} must be a floating-point torch.Tensor or None, got {type(w).__name__}")
+    check_dense_float(w, name)
     if tuple(w.shape) != (n,):
         raise ValueError(f"{name} must have shape [{n}], got {tuple(w.shape)}")
     if w.device != values.device:
@@ -367,9 +389,11 @@ class DominanceResult:
         )
 
 
-def _check_test_args(n_bootstrap: object, alpha: object, threshold: object) -> None:
-    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or n_bootstrap < 2:
-        raise ValueError(f"n_bootstrap must be an int >= 2, got {n_bootstrap!r}")
+def _check_test_args(n_bootstrap: object, alpha: object, threshold: object, generator: object = None) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if integer(n_bootstrap, "n_bootstrap") < 2:
+        raise ValueError(f"n_bootstrap must be an int >= 2, got {n_bootstrap}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
@@ -483,13 +507,15 @@ def dominance_test(
     """
     validate = resolve_validate(validate_args)
     x, y = _check_pair(x, y, validate)
+    _refuse_meta(x, "dominance_test")
     multivariate = x.dim() == 2
     order = _check_order(order, multivariate)
-    _check_test_args(n_bootstrap, alpha, threshold)
+    _check_test_args(n_bootstrap, alpha, threshold, generator)
     h = _resolve_cost(cost, beta)
     if order == 2 and (cost != "squared_hinge" or beta is not None):
         raise ValueError("order=2 uses its own (squared hinge) ratio: leave cost and beta at their defaults")
     eps = _resolve_eps(epsilon, x.shape[-1] if multivariate else 1, multivariate)
+    _check_entropic_cost(h, multivariate)
     cdt = compute_dtype(x.dtype)
     with torch.no_grad():
         (xc, yc), eps = _scale_free(h, eps, [x.detach().to(cdt), y.detach().to(cdt)])
@@ -628,6 +654,8 @@ def rank_models(
     if isinstance(samples, Mapping):
         names = [str(k) for k in samples]
         tensors = list(samples.values())
+        if len(set(names)) < len(names):
+            raise ValueError(f"samples' names must be distinct as strings, got {list(samples)} (shown as {names})")
     elif isinstance(samples, Sequence) and not isinstance(samples, (str, bytes)):
         names = [str(i) for i in range(len(samples))]
         tensors = list(samples)
@@ -643,9 +671,10 @@ def rank_models(
         _check_pair(tensors[0], tensors[i], False)  # types, shapes, d, dtype, device
     for i, t in enumerate(tensors):
         _check_samples(t, f"samples[{names[i]!r}]")
+        _refuse_meta(t, "rank_models")
         if validate:
             check_finite(t, f"samples[{names[i]!r}]")
-    _check_test_args(n_bootstrap, alpha, 0.5)
+    _check_test_args(n_bootstrap, alpha, 0.5, generator)
     h = _resolve_cost(cost, beta)
     cdt = compute_dtype(tensors[0].dtype)
     data = [t.detach().to(cdt) for t in tensors]
@@ -659,6 +688,7 @@ def rank_models(
         metrics = [[t[:, c] for t in data] for c in range(data[0].shape[1])]
     order = _check_order(order, multivariate)
     eps = _resolve_eps(epsilon, data[0].shape[-1] if multivariate else 1, multivariate)
+    _check_entropic_cost(h, multivariate)
     if multivariate:  # the joint ratio: one scale for every coordinate, and eps in its units
         metrics[0], eps = _scale_free(h, eps, metrics[0])
     else:  # a ratio of one metric does not depend on that metric's scale (eps is unused in 1-D)

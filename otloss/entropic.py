@@ -39,9 +39,11 @@ import torch
 from torch import Tensor
 
 from otloss._validation import (
+    check_dense_float,
     check_finite,
     check_values_tensor,
     compute_dtype,
+    integer,
     normalise_weights,
     real_number,
     resolve_validate,
@@ -86,8 +88,7 @@ def _check_weights(w: object, name: str, batch: int, size: int, unbatched: bool,
         return torch.full((batch, size), 1.0 / size, dtype=cdt, device=cost.device)
     if not isinstance(w, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(w).__name__}")
-    if not w.is_floating_point():
-        raise TypeError(f"{name} must have a floating-point dtype, got {w.dtype}")
+    check_dense_float(w, name)
     if w.device != cost.device:
         raise ValueError(f"{name} must be on the device of cost ({cost.device}), got {w.device}")
     if w.requires_grad and torch.is_grad_enabled():
@@ -101,7 +102,7 @@ def _check_weights(w: object, name: str, batch: int, size: int, unbatched: bool,
         pass
     else:
         raise ValueError(f"{name} must have shape {expected} to match cost, got {tuple(w.shape)}")
-    if validate:  # in the weights' own dtype: finite float64 weights may exceed the compute dtype
+    if validate and w.device.type != "meta":  # in the weights' own dtype: finite float64 weights may exceed cdt
         check_finite(w, name)
         if bool((w < 0).any()):
             raise ValueError(f"{name} must be non-negative, got a minimum of {float(w.min())}")
@@ -304,8 +305,9 @@ def entropic_ot(
     if cost.dim() not in (2, 3):
         raise ValueError(f"cost must have shape [n, m] or [batch, n, m], got {tuple(cost.shape)}")
     eps = _check_real(epsilon, "epsilon")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    max_iter = integer(max_iter, "max_iter")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter}")
     tol = _check_real(tol, "tol", positive=True)
     if backend not in ("auto", "pot", "torch"):
         raise ValueError(f"backend must be 'auto', 'pot' or 'torch', got {backend!r}")
@@ -324,7 +326,9 @@ def entropic_ot(
     Cc = C3.to(cdt)
     with torch.no_grad():
         Cd = Cc.detach()
-        if eps == 0:
+        if Cd.device.type == "meta":  # no values to solve for: the plan's shape only
+            plan = torch.empty_like(Cd)
+        elif eps == 0:
             plan = _emd(Cd, aw, bw)
         else:
             use_pot = backend == "pot" or (backend == "auto" and _pot_batch() is not None)

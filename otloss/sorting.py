@@ -160,6 +160,8 @@ def _soft_sort_kl(x: Tensor, eps: float) -> Tensor:
     rho = rho.expand_as(xs)
     # out_i = -(rho_i - lse_B(rho) + lse_B(-x))
     out = _segment_reduce(rho, ids, "lse") - rho - _segment_reduce(-xs, ids, "lse")
+    # a row holding NaN or Inf (checks off) gives NaN, as the l2 soft sort does (log-sum-exp absorbs an inf)
+    out = torch.where(torch.isfinite(xs).all(-1, keepdim=True), out, torch.full_like(out, float("nan")))
     return out.to(x.dtype)
 
 
@@ -789,6 +791,8 @@ class SoftSort:
         check_values_tensor(x, "x")
         check = resolve_validate(validate_args)
         eps = float(self.regularization_strength)
+        if x.device.type == "meta":  # no values: a result of the right shape, dtype and autograd graph
+            return torch.sort(x, dim=-1).values
         if self.backend == "otloss" and self.regularization == "l2":
             return _soft_sort_l2(x, eps, check)
         if check:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from otloss._validation import check_finite, compute_dtype, real_number, resolve_validate
+from otloss._validation import check_finite, compute_dtype, integer, real_number, resolve_validate
 
 __all__ = ["PLOTLoss", "PLOTOutput", "TokenOTLoss", "plot_loss", "token_ot_loss"]
 
@@ -239,8 +239,7 @@ def _check_options(mode, cost, epsilon, ignore_index, reduction, chunk_size, emb
     if cost not in _COSTS:
         raise ValueError(f"cost must be one of {list(_COSTS)}, got {cost!r}")
     _check_number(epsilon, "epsilon")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    integer(ignore_index, "ignore_index")
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     if not isinstance(embedding_grad, bool):
@@ -329,6 +328,11 @@ def _token_ot(
 ) -> _TokenOT:
     """Checked inputs -> per-sequence values, summed label log-probabilities and position counts."""
     B, _, V = logits.shape
+    if logits.device.type == "meta":
+        raise ValueError(
+            f"{logits_name} is on the meta device: the token losses select positions by the values of "
+            f"{labels_name}, which meta tensors do not have; call them on tensors with values"
+        )
     cdt = compute_dtype(logits.dtype)
     mask = labels != ignore_index
     if validate:
@@ -554,6 +558,44 @@ def _check_logps(x: object, name: str, batch: int, device: torch.device) -> Tens
     return x
 
 
+def _check_plot_options(
+    base: object,
+    push: object,
+    alpha: object,
+    beta: object,
+    gamma: object,
+    margin: object,
+    cost: object,
+    return_components: object,
+    aot_kwargs: object,
+) -> tuple[float, float | None, float, float]:
+    """The options of :func:`plot_loss` that are not :func:`token_ot_loss`'s; ``(alpha, beta, gamma, margin)``."""
+    if base not in _BASES:
+        raise ValueError(f"base must be one of {list(_BASES)}, got {base!r}")
+    if push not in _PUSHES:
+        raise ValueError(f"push must be one of {list(_PUSHES)}, got {push!r}")
+    alpha = _check_number(alpha, "alpha")
+    beta = None if beta is None else _check_number(beta, "beta", positive=True)
+    gamma = _check_number(gamma, "gamma", positive=True)
+    if margin is None:
+        if cost != "cosine" and push == "hinge":
+            raise ValueError(
+                f"margin must be given with cost={cost!r} (its units are those of the embeddings squared); "
+                "the default margin=1.0 applies to the cosine cost"
+            )
+        margin = 1.0
+    margin = _check_number(margin, "margin", positive=True)
+    if not isinstance(return_components, bool):
+        raise TypeError(f"return_components must be a bool, got {type(return_components).__name__}")
+    if aot_kwargs is not None and not isinstance(aot_kwargs, dict):
+        raise TypeError(f"aot_kwargs must be a dict or None, got {type(aot_kwargs).__name__}")
+    if aot_kwargs and base != "aot":
+        raise ValueError(f"aot_kwargs applies to base='aot' only, got base={base!r}")
+    if aot_kwargs and beta is not None and "beta" in aot_kwargs:
+        raise ValueError("beta is given twice: as plot_loss(beta=...) and in aot_kwargs; pass one")
+    return alpha, beta, gamma, margin
+
+
 def plot_loss(
     chosen_logits: Tensor,
     chosen_labels: Tensor,
@@ -656,28 +698,9 @@ def plot_loss(
     _check_labels(rejected_labels, rejected_logits, "rejected_labels", "rejected_logits")
     _check_embeddings(embeddings, V, chosen_logits.device, "chosen_logits")
     chunk_size = _check_options(mode, cost, epsilon, ignore_index, "mean", chunk_size, embedding_grad, solver_options)
-    if base not in _BASES:
-        raise ValueError(f"base must be one of {list(_BASES)}, got {base!r}")
-    if push not in _PUSHES:
-        raise ValueError(f"push must be one of {list(_PUSHES)}, got {push!r}")
-    alpha = _check_number(alpha, "alpha")
-    gamma = _check_number(gamma, "gamma", positive=True)
-    if margin is None:
-        if cost != "cosine" and push == "hinge":
-            raise ValueError(
-                f"margin must be given with cost={cost!r} (its units are those of the embeddings squared); "
-                "the default margin=1.0 applies to the cosine cost"
-            )
-        margin = 1.0
-    margin = _check_number(margin, "margin", positive=True)
-    if not isinstance(return_components, bool):
-        raise TypeError(f"return_components must be a bool, got {type(return_components).__name__}")
-    if aot_kwargs is not None and not isinstance(aot_kwargs, dict):
-        raise TypeError(f"aot_kwargs must be a dict or None, got {type(aot_kwargs).__name__}")
-    if aot_kwargs and base != "aot":
-        raise ValueError(f"aot_kwargs applies to base='aot' only, got base={base!r}")
-    if aot_kwargs and beta is not None and "beta" in aot_kwargs:
-        raise ValueError("beta is given twice: as plot_loss(beta=...) and in aot_kwargs; pass one")
+    alpha, beta, gamma, margin = _check_plot_options(
+        base, push, alpha, beta, gamma, margin, cost, return_components, aot_kwargs
+    )
     Bc, Br = chosen_logits.shape[0], rejected_logits.shape[0]
     paired = base == "dpo" or push == "logistic" or (base == "aot" and (aot_kwargs or {}).get("paired", True))
     if paired and Bc != Br:
@@ -696,8 +719,6 @@ def plot_loss(
         _check_logps(policy_chosen_logps, "policy_chosen_logps", Bc, dev)
     if policy_rejected_logps is not None:
         _check_logps(policy_rejected_logps, "policy_rejected_logps", Br, dev)
-    if beta is not None:
-        beta = _check_number(beta, "beta", positive=True)
     validate = resolve_validate(validate_args)
 
     common = dict(
@@ -850,11 +871,7 @@ class PLOTLoss(nn.Module):
     ) -> None:
         super().__init__()
         _check_options(mode, cost, epsilon, ignore_index, "mean", chunk_size, embedding_grad, solver_options)
-        if base not in _BASES:
-            raise ValueError(f"base must be one of {list(_BASES)}, got {base!r}")
-        if push not in _PUSHES:
-            raise ValueError(f"push must be one of {list(_PUSHES)}, got {push!r}")
-        _check_number(alpha, "alpha")
+        _check_plot_options(base, push, alpha, beta, gamma, margin, cost, return_components, aot_kwargs)
         self.options = dict(
             base=base,
             alpha=alpha,

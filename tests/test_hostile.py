@@ -443,6 +443,48 @@ def test_meta_tensors_shape_inference_with_checks_on():
     assert otloss.aot_loss(m, m, m, m).shape == ()
 
 
+def _meta(*shape, grad=False):
+    return torch.empty(*shape, device="meta", requires_grad=grad)
+
+
+@pytest.mark.parametrize(
+    "call, shape",
+    [
+        (lambda: otloss.soft_sort(_meta(3, 5, grad=True), 0.5), (3, 5)),
+        (lambda: otloss.soft_sort(_meta(3, 5), 0.5, regularization="kl"), (3, 5)),
+        (lambda: otloss.ot_h_1d(_meta(3, 5, grad=True), _meta(3, 5), "abs_pow", sort="soft", reduction="none"), (3,)),
+        (lambda: otloss.fsd_violation(_meta(5), _meta(4)), ()),
+        (lambda: otloss.quantile_function(_meta(3, 5), [0.25, 0.5]), (3, 2)),
+        (lambda: otloss.quantile_margins(_meta(3, 5), _meta(3, 4), [0.5]), (3, 1)),
+        (lambda: otloss.entropic_ot(_meta(2, 3, 4, grad=True), epsilon=0.1), (2,)),
+        (lambda: otloss.entropic_ot(_meta(3, 4), _meta(3), epsilon=0.0), ()),
+        (lambda: otloss.sliced_ot(_meta(5, 3, grad=True), _meta(4, 3), otloss.abs_pow(2)), ()),
+        (lambda: otloss.violation_ratio(_meta(5), _meta(4)), ()),
+        (lambda: otloss.violation_ratio(_meta(5, 2), _meta(4, 2)), ()),
+        (lambda: otloss.multivariate_aot_loss(_meta(5, 2, grad=True), _meta(4, 2)), ()),
+    ],
+)
+def test_meta_tensors_give_meta_results_of_the_right_shape(call, shape):
+    out = call()
+    assert out.device.type == "meta" and tuple(out.shape) == shape
+
+
+def test_meta_tensors_are_refused_by_name_where_the_result_depends_on_values():
+    with pytest.raises(ValueError, match="1-D meta tensors"):
+        otloss.quantile_coupling(_meta(5), _meta(4))
+    assert otloss.quantile_coupling(_meta(1, 5), _meta(1, 4)).mass.shape == (1, 8)
+    labels = torch.zeros(1, 2, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="logits is on the meta device"):
+        otloss.token_ot_loss(_meta(1, 2, 3), labels, _meta(3, 4))
+    for call in (lambda: otloss.dominance_test(_meta(5), _meta(4)), lambda: otloss.rank_models([_meta(5), _meta(4)])):
+        with pytest.raises(ValueError, match="meta tensors have none"):
+            call()
+    with pytest.raises(ValueError, match="t is on the meta device"):
+        otloss.quantile_function(torch.randn(3, 5), _meta(2))
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):  # numbers are checked for meta samples too
+        otloss.quantile_function(_meta(3, 5), [1.5])
+
+
 def test_non_tensor_options_never_compare_elementwise():
     u = torch.randn(3)
     with pytest.raises(ValueError, match="sort must be"):
@@ -644,8 +686,12 @@ def test_vmapped_gradients_and_tangents_of_a_failed_problem_are_nan_not_zero():
         (lambda big: otloss.entropic_ot(torch.rand(2, 3), epsilon=big), "epsilon"),
         (lambda big: otloss.violation_ratio(torch.rand(4, 2), torch.rand(3, 2), epsilon=big), "epsilon"),
         (lambda big: otloss.quantile_function(torch.randn(3), [big]), "t"),
-        (lambda big: otloss.token_ot_loss(torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long),
-                                          torch.randn(3, 4), epsilon=big), "epsilon"),  # fmt: skip
+        (
+            lambda big: otloss.token_ot_loss(
+                torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), torch.randn(3, 4), epsilon=big
+            ),
+            "epsilon",
+        ),
     ],
 )
 def test_an_integer_beyond_the_float_range_is_a_value_error_naming_the_argument(call, name):
@@ -665,3 +711,93 @@ def test_numpy_float32_scalars_are_real_numbers_everywhere():
         otloss.violation_ratio(X, Y, epsilon=0.5, backend="torch"),
     )
     assert otloss.logistic(np.float32(2.0)).beta == 2.0
+
+
+def test_to_dense_checks_a_plan_built_by_hand():
+    T = torch.tensor
+    with pytest.raises(ValueError, match="u_index must be non-negative, got -1"):
+        otloss.Coupling(T([-1, 0]), T([0, 1]), T([0.5, 0.5])).to_dense(2, 2)
+    with pytest.raises(TypeError, match="u_index must hold integer indices"):
+        otloss.Coupling(T([0.0, 1.0]), T([0, 1]), T([0.5, 0.5])).to_dense(2, 2)
+    with pytest.raises(ValueError, match="must have one shape"):
+        otloss.Coupling(T([0, 1, 1]), T([0, 1]), T([0.5, 0.5])).to_dense(2, 2)
+    with pytest.raises(TypeError, match=r"u_index must be a torch\.Tensor, got list"):
+        otloss.Coupling([0, 1], [0, 1], [0.5, 0.5]).to_dense(2, 2)
+    with pytest.raises(TypeError, match="mass must have a floating-point dtype"):
+        otloss.Coupling(T([0, 1]), T([0, 1]), T([1, 1])).to_dense(2, 2)
+    dense = otloss.Coupling(T([0, 1]), T([1, 0]), T([0.5, 0.5])).to_dense(2, 2)
+    assert dense.tolist() == [[0.0, 0.5], [0.5, 0.0]]
+
+
+def test_fsd_report_keeps_distinct_levels_apart():
+    u, v = torch.randn(50), torch.randn(40)
+    keys = [k for k in otloss.fsd_report(u, v) if k.startswith("quantile_margin_")]
+    assert keys == [f"quantile_margin_{q}" for q in ("0.1", "0.25", "0.5", "0.75", "0.9")]
+    report = otloss.fsd_report(u, v, [0.1, 0.1000001, 0.5])
+    assert [k for k in report if k.startswith("quantile_margin_")] == [
+        "quantile_margin_0.1",
+        "quantile_margin_0.1000001",
+        "quantile_margin_0.5",
+    ]
+
+
+def test_option_types_of_the_dominance_and_token_functions():
+    x, y = torch.rand(6), torch.rand(5)
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None, got int"):
+        otloss.dominance_test(x, y, n_bootstrap=2, generator=5)
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None"):
+        otloss.rank_models([x, y], n_bootstrap=2, generator="seed")
+    # NumPy integers are ints
+    g = torch.Generator()
+    a = otloss.dominance_test(x, y, n_bootstrap=np.int64(4), generator=g.manual_seed(0))
+    b = otloss.dominance_test(x, y, n_bootstrap=4, generator=g.manual_seed(0))
+    assert a.ratio == b.ratio and torch.equal(a.bootstrap, b.bootstrap)
+    C = torch.rand(2, 3)
+    with_numpy = otloss.entropic_ot(C, epsilon=0.5, max_iter=np.int64(50))
+    torch.testing.assert_close(with_numpy, otloss.entropic_ot(C, epsilon=0.5, max_iter=50))
+    with pytest.raises(TypeError, match="max_iter must be an int, got float"):
+        otloss.entropic_ot(C, epsilon=0.5, max_iter=50.0)
+    labels = torch.tensor([[0, -100]])
+    E = torch.randn(3, 4)
+    logits = torch.randn(1, 2, 3)
+    with_numpy = otloss.token_ot_loss(logits, labels, E, ignore_index=np.int64(-100))
+    torch.testing.assert_close(with_numpy, otloss.token_ot_loss(logits, labels, E))
+    # sparse and float8 inputs are refused by name
+    with pytest.raises(TypeError, match="a must be a dense"):
+        otloss.entropic_ot(torch.rand(3, 4), torch.ones(3).to_sparse(), epsilon=0.1)
+    if hasattr(torch, "float8_e4m3fn"):
+        with pytest.raises(TypeError, match=r"x must have a floating-point dtype .*float8"):
+            otloss.violation_ratio(x.to(torch.float8_e4m3fn), y.to(torch.float8_e4m3fn))
+        with pytest.raises(TypeError, match="x_weights must have a floating-point dtype"):
+            otloss.violation_ratio(x, y, x_weights=torch.ones(6).to(torch.float8_e4m3fn))
+    # zero_one is the 1-D area ratio; duplicate model names are refused
+    with pytest.raises(ValueError, match="cost='zero_one' \\(the area ratio\\) is for \\[n\\] inputs"):
+        otloss.violation_ratio(torch.rand(5, 2), torch.rand(4, 2), cost="zero_one")
+    with pytest.raises(ValueError, match="names must be distinct"):
+        otloss.rank_models({1: x, "1": y})
+
+
+@pytest.mark.parametrize(
+    "options, exc, match",
+    [
+        (dict(margin=-1.0), ValueError, "margin must be a finite number > 0"),
+        (dict(gamma=0.0), ValueError, "gamma must be a finite number > 0"),
+        (dict(beta="x"), TypeError, "beta must be a real number"),
+        (dict(beta=-1.0), ValueError, "beta must be a finite number > 0"),
+        (dict(cost="sqeuclidean"), ValueError, "margin must be given with cost='sqeuclidean'"),
+        (dict(base=None, aot_kwargs={"paired": False}), ValueError, "aot_kwargs applies to base='aot' only"),
+        (dict(return_components=1), TypeError, "return_components must be a bool"),
+    ],
+)
+def test_plot_loss_module_checks_its_options_when_built(options, exc, match):
+    with pytest.raises(exc, match=match):
+        otloss.PLOTLoss(**options)
+
+
+def test_kl_soft_sort_gives_nan_for_a_non_finite_row_with_checks_off():
+    x = torch.tensor([[1.0, float("inf"), 2.0], [1.0, 3.0, 2.0]])
+    for reg in ("kl", "l2"):
+        out = otloss.soft_sort(x, 1.0, regularization=reg, validate_args=False)
+        assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
+        with pytest.raises(ValueError, match="x contains non-finite"):
+            otloss.soft_sort(x, 1.0, regularization=reg)
