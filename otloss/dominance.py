@@ -111,6 +111,16 @@ def _resolve_cost(cost: object, beta: float | None) -> Cost:
     return get_cost(cost, beta=default if beta is None else beta)
 
 
+def _ratio_dtype(dtype: torch.dtype, multivariate: bool) -> torch.dtype:
+    """float64 for the exact 1-D ratios, the compute dtype for the entropic ones.
+
+    A 1-D ratio sorts ``n + m`` numbers: in float64 the costs of float32 samples (squares of
+    differences from ``1e-45`` to ``3e38``) neither underflow to a false tie ``0 / 0`` nor overflow.
+    The entropic ratio works on ``n x m`` cost matrices, kept in the compute dtype for memory.
+    """
+    return compute_dtype(dtype) if multivariate else torch.float64
+
+
 def _check_entropic_cost(h: Cost, multivariate: bool) -> None:
     if multivariate and h.name == "zero_one":
         raise ValueError(
@@ -135,9 +145,11 @@ def _resolve_eps(epsilon: object, d: int, multivariate: bool) -> float:
     return eps
 
 
-def _refuse_meta(x: Tensor, what: str) -> None:
+def _refuse_meta(x: Tensor, name: str, what: str) -> None:
     if x.device.type == "meta":
-        raise ValueError(f"{what} reports numbers computed from the samples' values; meta tensors have none")
+        raise ValueError(
+            f"{name} is on the meta device, which holds no values: {what} reports numbers computed from them"
+        )
 
 
 def _check_order(order: object, multivariate: bool) -> int:
@@ -153,29 +165,6 @@ def _safe_ratio(fwd: Tensor, rev: Tensor) -> Tensor:
     tot = fwd + rev
     tied = torch.where(tot == 0, torch.full_like(tot, 0.5), torch.full_like(tot, float("nan")))
     return torch.where(tot > 0, fwd / torch.where(tot > 0, tot, torch.ones_like(tot)), tied)
-
-
-def _scale_free(h: Cost, eps: float, samples: list[Tensor]) -> tuple[list[Tensor], float]:
-    """``samples`` times one power of two, and ``eps`` in the new cost units, when ``h`` is homogeneous.
-
-    For ``h(c z) = c^p h(z)`` the violation ratio does not depend on a common scale of the samples
-    (nor the entropic one, with ``eps`` scaled by ``c^p`` too). Bringing the largest magnitude into
-    ``[0.5, 1)`` keeps float32 costs of tiny values from underflowing to a false tie (``0 / 0``) and
-    those of huge ones from overflowing. A power of two scales exactly (short of subnormals).
-    """
-    if h.degree is None or samples[0].device.type == "meta":  # (meta: no values, shape inference only)
-        return samples, eps
-    big = max(float(t.detach().abs().nan_to_num(nan=0.0, posinf=0.0).amax()) for t in samples)
-    if not 0.0 < big < math.inf:
-        return samples, eps
-    k = min(max(math.frexp(big)[1], -1000), 1000)
-    if k == 0:
-        return samples, eps
-    scale = math.ldexp(1.0, -k)
-    new_eps = eps * scale**h.degree
-    if eps > 0 and not 0.0 < new_eps < math.inf:
-        return samples, eps
-    return [t * scale for t in samples], new_eps
 
 
 # --------------------------------------------------------------------------------------------------- statistics
@@ -291,8 +280,9 @@ def violation_ratio(
         validate_args: scan the inputs for NaN/Inf; ``None`` uses :func:`otloss.get_validate_args`.
 
     Returns:
-        A 0-d tensor in ``[0, 1]`` in the dtype of ``x`` (computed in float32, float64 for float64 input). It is
-        differentiable in ``x`` and ``y`` for a differentiable cost.
+        A 0-d tensor in ``[0, 1]`` in the dtype of ``x``, computed in float64 for ``[n]`` inputs (so that the
+        costs of float32 samples neither underflow nor overflow) and in float32 (float64 for float64 input)
+        for ``[n, d]`` inputs. It is differentiable in ``x`` and ``y`` for a differentiable cost.
     """
     validate = resolve_validate(validate_args)
     x, y = _check_pair(x, y, validate)
@@ -303,8 +293,8 @@ def violation_ratio(
         raise ValueError("order=2 uses its own (squared hinge) ratio: leave cost and beta at their defaults")
     eps = _resolve_eps(epsilon, x.shape[-1] if multivariate else 1, multivariate)
     _check_entropic_cost(h, multivariate)
-    cdt = compute_dtype(x.dtype)
-    (xc, yc), eps = _scale_free(h, eps, [x.to(cdt), y.to(cdt)])
+    cdt = _ratio_dtype(x.dtype, multivariate)
+    xc, yc = x.to(cdt), y.to(cdt)
     wx = _weights(x_weights, x.shape[0], "x_weights", xc, validate)
     wy = _weights(y_weights, y.shape[0], "y_weights", yc, validate)
     if multivariate:
@@ -328,7 +318,7 @@ def _weights(w: object, n: int, name: str, values: Tensor, validate: bool) -> Te
         raise ValueError(f"{name} must have shape [{n}], got {tuple(w.shape)}")
     if w.device != values.device:
         raise ValueError(f"{name} must be on the device of the samples ({values.device}), got {w.device}")
-    if validate:
+    if validate and w.device.type != "meta":  # (meta: no values to check)
         check_finite(w, name)
         if bool((w < 0).any()) or not float(w.sum()) > 0:
             raise ValueError(f"{name} must be non-negative with a positive sum")
@@ -389,15 +379,22 @@ class DominanceResult:
         )
 
 
-def _check_test_args(n_bootstrap: object, alpha: object, threshold: object, generator: object = None) -> None:
+def _check_test_args(
+    n_bootstrap: object, alpha: object, threshold: object, generator: object = None
+) -> tuple[int, float, float]:
+    """``(n_bootstrap, alpha, threshold)`` as Python numbers (NumPy scalars accepted)."""
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if integer(n_bootstrap, "n_bootstrap") < 2:
+    n_bootstrap = integer(n_bootstrap, "n_bootstrap")
+    if n_bootstrap < 2:
         raise ValueError(f"n_bootstrap must be an int >= 2, got {n_bootstrap}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+    alpha = real_number(alpha, "alpha")
+    if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+    threshold = real_number(threshold, "threshold")
+    if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    return n_bootstrap, alpha, threshold
 
 
 def _counts(n: int, R: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -507,18 +504,18 @@ def dominance_test(
     """
     validate = resolve_validate(validate_args)
     x, y = _check_pair(x, y, validate)
-    _refuse_meta(x, "dominance_test")
+    _refuse_meta(x, "x", "dominance_test")
     multivariate = x.dim() == 2
     order = _check_order(order, multivariate)
-    _check_test_args(n_bootstrap, alpha, threshold, generator)
+    n_bootstrap, alpha, threshold = _check_test_args(n_bootstrap, alpha, threshold, generator)
     h = _resolve_cost(cost, beta)
     if order == 2 and (cost != "squared_hinge" or beta is not None):
         raise ValueError("order=2 uses its own (squared hinge) ratio: leave cost and beta at their defaults")
     eps = _resolve_eps(epsilon, x.shape[-1] if multivariate else 1, multivariate)
     _check_entropic_cost(h, multivariate)
-    cdt = compute_dtype(x.dtype)
+    cdt = _ratio_dtype(x.dtype, multivariate)
     with torch.no_grad():
-        (xc, yc), eps = _scale_free(h, eps, [x.detach().to(cdt), y.detach().to(cdt)])
+        xc, yc = x.detach().to(cdt), y.detach().to(cdt)
         sampler = _Sampler(xc, yc, h, order, eps, {"max_iter": max_iter, "tol": tol, "backend": backend})
         ratio = float(sampler.full())
         boots = []
@@ -671,14 +668,14 @@ def rank_models(
         _check_pair(tensors[0], tensors[i], False)  # types, shapes, d, dtype, device
     for i, t in enumerate(tensors):
         _check_samples(t, f"samples[{names[i]!r}]")
-        _refuse_meta(t, "rank_models")
+        _refuse_meta(t, f"samples[{names[i]!r}]", "rank_models")
         if validate:
             check_finite(t, f"samples[{names[i]!r}]")
-    _check_test_args(n_bootstrap, alpha, 0.5, generator)
+    n_bootstrap, alpha, _ = _check_test_args(n_bootstrap, alpha, 0.5, generator)
     h = _resolve_cost(cost, beta)
-    cdt = compute_dtype(tensors[0].dtype)
-    data = [t.detach().to(cdt) for t in tensors]
     multivariate = aggregate == "multivariate"
+    cdt = _ratio_dtype(tensors[0].dtype, multivariate)
+    data = [t.detach().to(cdt) for t in tensors]
     if multivariate:
         data = [t if t.dim() == 2 else t[:, None] for t in data]
         metrics = [data]  # one metric: the joint ratio
@@ -689,10 +686,6 @@ def rank_models(
     order = _check_order(order, multivariate)
     eps = _resolve_eps(epsilon, data[0].shape[-1] if multivariate else 1, multivariate)
     _check_entropic_cost(h, multivariate)
-    if multivariate:  # the joint ratio: one scale for every coordinate, and eps in its units
-        metrics[0], eps = _scale_free(h, eps, metrics[0])
-    else:  # a ratio of one metric does not depend on that metric's scale (eps is unused in 1-D)
-        metrics = [_scale_free(h, eps, cols)[0] for cols in metrics]
     solver = {"max_iter": max_iter, "tol": tol, "backend": backend}
     M = len(metrics)
     counts = [_counts(t.shape[0], n_bootstrap, generator, t.device, cdt) for t in data]

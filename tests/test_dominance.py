@@ -370,7 +370,7 @@ def test_the_ratio_does_not_depend_on_the_scale_of_the_samples(order, scale):
     torch.testing.assert_close(xs.grad * scale, xd.grad)
 
 
-def test_scale_free_tests_and_rankings():
+def test_tests_and_rankings_of_tiny_samples_and_the_entropic_ratio_with_its_epsilon():
     x, y = torch.tensor([0.0, 2.0, 3.0, 1.0]), torch.tensor([1.0, 1.5, 4.0, 2.0])
     g = torch.Generator()
     small = dom.dominance_test(x * 1e-23, y * 1e-23, n_bootstrap=20, generator=g.manual_seed(0))
@@ -379,7 +379,7 @@ def test_scale_free_tests_and_rankings():
     torch.testing.assert_close(small.bootstrap, plain.bootstrap)
     ranked = dom.rank_models({"a": x * 1e-23, "b": y * 1e-23}, n_bootstrap=10, generator=g.manual_seed(0))
     torch.testing.assert_close(ranked.pairwise, dom.rank_models({"a": x, "b": y}, n_bootstrap=10).pairwise)
-    # the joint (entropic) ratio: eps is scaled with the costs, so the ratio is unchanged too
+    # the joint (entropic) ratio: with epsilon in the units of the cost, scaling both keeps the ratio
     X = torch.rand(6, 2, generator=g.manual_seed(0))
     Y = torch.rand(5, 2, generator=g.manual_seed(1))
     want = dom.violation_ratio(X, Y, backend="torch")
@@ -402,3 +402,53 @@ def test_huge_finite_weights_give_the_ratio_of_moderate_ones(order):
     want = dom.violation_ratio(x, y, x_weights=w, order=order)
     for big in (w * 1e38, w.double() * 1e300):
         torch.testing.assert_close(dom.violation_ratio(x, y, x_weights=big, order=order), want)
+
+
+def test_one_d_ratios_keep_tiny_differences_next_to_large_values():
+    T = torch.tensor
+    # float64 costs: a difference of 1e-20 next to values of 1000 is not flushed to a tie
+    assert dom.violation_ratio(T([0.0, 1000.0]), T([1e-20, 1000.0])).item() == 1.0
+    assert dom.violation_ratio(T([0.0, 1e6]), T([1e-17, 1e6])).item() == 1.0
+    r = dom.dominance_test(T([0.0, 1000.0, 5.0]), T([1e-20, 1000.0, 5.0]), n_bootstrap=4)
+    assert r.ratio == 1.0
+    assert dom.violation_ratio(T([1e-20, 3e30]), T([2e-20, 1e30]), cost="zero_one").item() == 0.5
+    # float32 subnormals
+    x, y = T([0.0, 2e-42, 3e-42]), T([1e-42, 1.5e-42, 4e-42])
+    assert dom.violation_ratio(x, y, cost="hinge").item() == pytest.approx(0.8, rel=1e-3)
+    assert dom.violation_ratio(x, y, cost="zero_one").item() == pytest.approx(2 / 3, rel=1e-6)
+    # a pair's ratio in a ranking does not depend on the other models
+    a, b = T([0.0, 1.0, 0.5]), T([1e-20, 1.0, 0.5])
+    two = dom.rank_models({"a": a, "b": b}, n_bootstrap=4).pairwise
+    three = dom.rank_models({"a": a, "b": b, "c": T([1e6, 1e6, 1e6])}, n_bootstrap=4).pairwise
+    assert two[0, 0, 1].item() == three[0, 0, 1].item() == 1.0
+
+
+def test_violation_ratio_under_vmap_and_per_example_gradients():
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(3, 6, generator=g), torch.randn(5, generator=g)
+    f = lambda x: dom.violation_ratio(x, y, validate_args=False)  # noqa: E731
+    torch.testing.assert_close(torch.func.vmap(f)(X), torch.stack([f(x) for x in X]))
+    per = torch.func.vmap(torch.func.grad(f))(X)
+    for i in range(3):
+        xi = X[i].clone().requires_grad_(True)
+        f(xi).backward()
+        torch.testing.assert_close(per[i], xi.grad)
+
+
+def test_weighted_ratios_on_meta_and_numpy_levels():
+    m = torch.empty(5, device="meta")
+    out = dom.violation_ratio(m, torch.empty(4, device="meta"), x_weights=torch.empty(5, device="meta"))
+    assert out.device.type == "meta" and out.shape == ()
+    x, y = torch.rand(6), torch.rand(5)
+    g = torch.Generator()
+    numpy_levels = dict(alpha=np.float64(0.05), threshold=np.float32(0.25), n_bootstrap=np.int32(4))
+    a = dom.dominance_test(x, y, generator=g.manual_seed(0), **numpy_levels)
+    b = dom.dominance_test(x, y, n_bootstrap=4, generator=g.manual_seed(0))
+    assert torch.equal(a.bootstrap, b.bootstrap) and (a.ratio, a.ci_low, a.upper_bound) == (
+        b.ratio,
+        b.ci_low,
+        b.upper_bound,
+    )
+    assert type(a.alpha) is float and type(a.threshold) is float and type(a.absolute) is bool
+    with pytest.raises(TypeError, match="alpha must be a real number, got str"):
+        dom.dominance_test(x, y, alpha="0.05")

@@ -704,8 +704,8 @@ def test_bf16_left_unset_is_off_without_a_bf16_accelerator(tmp_path):
         if not is_torch_bf16_gpu_available():  # an explicit request is refused as by DPOConfig
             with pytest.raises(ValueError, match="bf16"):
                 config(output_dir=out, bf16=True)
-        with pytest.raises(ValueError, match="bf16"):
-            DPOConfig(output_dir=out)
+            with pytest.raises(ValueError, match="bf16"):
+                DPOConfig(output_dir=out)
 
 
 def _python_blocks(path: Path) -> list[str]:
