@@ -22,8 +22,9 @@ Solvers (``backend``):
 Gradients flow to ``cost`` only (the weights are constants; weights that require grad are rejected):
 
 * ``grad="envelope"`` (default): ``d value / d C = P_eps``, the plan held fixed. This is the exact gradient of the
-  regularised objective (envelope theorem); as a derivative of the returned ``<P_eps, C>`` it leaves out the term from the plan's own dependence on ``C``, which vanishes as
-  ``eps -> 0``. It costs nothing beyond the forward pass.
+  regularised objective (envelope theorem); as a derivative of the returned ``<P_eps, C>`` it leaves out the
+  term from the plan's own dependence on ``C``, which vanishes as ``eps -> 0``. It costs nothing beyond the
+  forward pass.
 * ``grad="implicit"``: the exact derivative of ``<P_eps, C>``, by implicit differentiation of the Sinkhorn
   fixed point (a dense ``k x k`` linear solve per problem, ``k = min(n, m)``); this is what ``gradcheck`` sees,
   and what POT's ``ot.sinkhorn2`` (torch backend) gives at convergence by differentiating through its iterations.

@@ -164,9 +164,10 @@ def _nan_unless_valid(
         if "vmap" not in str(e):
             raise
     else:
-        if not valid:
-            raise_checks()
-        return out
+        if valid:
+            return out
+        raise_checks()  # the eager call's error
+    # batched values (or, defensively, a failed check that did not raise): NaN for each failing problem
     return out * torch.where(ok, torch.ones_like(out), torch.full_like(out, float("nan")))
 
 
