@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
+from otloss.costs import Cost
 from otloss.diagnostics import DEFAULT_QUANTILES, quantile_function
 from otloss.distributed import QuantileMemory
 from otloss.functional import CostArg, SortArg
@@ -112,7 +113,8 @@ class AOTAlignmentModule(pl.LightningModule):
     Logged (``train/`` per step on each rank's batch, ``val/`` per epoch over the
     validation set of all ranks): ``loss``; ``rewards/chosen``, ``rewards/rejected``
     (TRL's implicit rewards ``beta * (logp_policy - logp_ref)``, with ``beta`` the
-    loss's, 0.01 when not given), ``rewards/margins``, ``rewards/accuracies`` (paired:
+    loss's: the ``beta`` given, or that of a built-in ``otloss.Cost`` passed as ``cost``,
+    0.01 otherwise), ``rewards/margins``, ``rewards/accuracies`` (paired:
     fraction of pairs ranked correctly; unpaired: of all (desirable, undesirable)
     pairs), ``logps/chosen``, ``logps/rejected``; the FSD diagnostics of
     :func:`otloss.fsd_report` of the loss's ``u`` over ``v`` in log-ratio units
@@ -273,7 +275,9 @@ class AOTAlignmentModule(pl.LightningModule):
         )
         self.plot = build_plot(plot_alpha, plot_mode, plot_cost, plot_epsilon, plot_margin, plot_embedding_grad)
         self.paired = paired
-        self.reward_beta = DEFAULT_BETA if beta is None else float(beta)
+        # the rewards' factor is the loss's beta: given, or carried by a built-in Cost object, else 0.01
+        cost_beta = getattr(cost, "beta", None) if isinstance(cost, Cost) else None
+        self.reward_beta = float(beta) if beta is not None else DEFAULT_BETA if cost_beta is None else float(cost_beta)
         self.logps_reduction = logps_reduction
         self._optimizer = optimizer
         self._optimizer_kwargs = dict(optimizer_kwargs or {})

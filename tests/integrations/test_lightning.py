@@ -252,6 +252,24 @@ def test_paired_loss_with_lora_reference_equals_aot_loss(tok, cost, sort):
     assert loss.requires_grad
 
 
+def test_reward_metrics_use_the_loss_beta_also_from_a_cost_object():
+    policy = ex.tiny_model(1).eval()
+    ref = ex.tiny_model(2)
+    cases = [
+        (dict(cost="logistic", beta=0.3), 0.3),
+        (dict(cost=otloss.logistic(0.5)), 0.5),  # beta travels inside the Cost: the rewards use it too
+        (dict(cost=otloss.hinge(0.2)), 0.2),
+        (dict(cost="logistic"), 0.01),
+        (dict(cost=otloss.Cost(lambda z: torch.nn.functional.softplus(-z), lambda z: -torch.sigmoid(-z))), 0.01),
+    ]
+    lp = [torch.randn(4) for _ in range(4)]
+    for options, factor in cases:
+        module = AOTAlignmentModule(policy, ref_model=ref, **options)
+        assert module.reward_beta == factor
+        metrics = module._metrics(lp)
+        torch.testing.assert_close(torch.as_tensor(metrics["rewards/chosen"]), (factor * (lp[0] - lp[2])).mean())
+
+
 def test_unpaired_loss_with_explicit_reference_equals_aot_loss(tok):
     policy = ex.tiny_model(1).eval()
     ref = ex.tiny_model(2)
