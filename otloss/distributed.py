@@ -448,9 +448,13 @@ def prepare_global_batch(
         scale = float(dist.get_world_size(group))
         u, v, u_weights, v_weights = _gather_many(values, names, errors, group, scale)  # type: ignore[assignment]
         total = [0 if t is None else t.numel() for t in (u, v)]
-        for n, name in zip(total, ("u", "v")):
-            if n == 0:
+        for side, (n, name) in enumerate(zip(total, ("u", "v"))):
+            if n == 0 and memory is None:
                 raise ValueError(f"{name} is empty on every rank: the global batch needs at least one element")
+            if n == 0 and memory.sizes[side] == 0:  # the earlier micro-batches may hold this side
+                raise ValueError(
+                    f"{name} is empty on every rank and in the memory: the global batch needs at least one element"
+                )
     else:
         check_local_values(u, "u")
         check_local_values(v, "v")

@@ -108,7 +108,8 @@ def _model_loss(model, xc, xr, refc, refr, paired, **kw):
 
 
 # Memory (gradient accumulation) case: two micro-batches per rank, unpaired, chosen / rejected counts.
-MEM_SIZES = [[(3, 2), (1, 3)], [(2, 0), (2, 2)]]  # [micro][rank] -> (n_chosen, n_rejected)
+# micro-batch 3 has no rejected sample on any rank: valid, since the memory holds earlier ones
+MEM_SIZES = [[(3, 2), (1, 3)], [(2, 0), (2, 2)], [(2, 0), (1, 0)]]  # [micro][rank] -> (n_chosen, n_rejected)
 
 
 def _mem_inputs(micro: int, rank: int) -> tuple[torch.Tensor, ...]:
@@ -180,7 +181,7 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         # Gradient accumulation with a QuantileMemory over the global batch
         memory = otloss.QuantileMemory()
         res["memory"] = []
-        for micro in range(2):
+        for micro in range(len(MEM_SIZES)):
             leaves = _leaves(_mem_inputs(micro, rank))
             loss = otloss.aot_loss(*leaves, paired=False, beta=0.5, global_batch=True, memory=memory)
             loss.backward()
@@ -205,6 +206,10 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         errs["empty_everywhere"] = _try(
             lambda: otloss.aot_loss(*(torch.zeros(n, dtype=DT) for n in (2, 0, 2, 0)), paired=False, global_batch=True)
         )
+        errs["empty_with_memory"] = _try(
+            lambda: otloss.aot_loss(*(torch.zeros(n, dtype=DT) for n in (2, 0, 2, 0)), paired=False, global_batch=True,
+                                    memory=otloss.QuantileMemory())
+        )  # fmt: skip
         dtype_mix = torch.zeros(2, dtype=DT if rank == 0 else torch.float32)
         errs["dtype_mix"] = _try(lambda: otloss.all_gather_variable(dtype_mix))
         res["errors"] = errs
@@ -346,6 +351,27 @@ def test_memory_with_global_batch(results):
     assert abs(float(ref2.detach()) - float(otloss.aot_loss(*cat[1], paired=False, beta=0.5))) > 1e-6
 
 
+def test_memory_makes_a_class_empty_on_every_rank_valid(results):
+    """Micro-batch 3 has no rejected sample anywhere: it sorts against the stored ones, as in one process."""
+    micro = [[_mem_inputs(m, r) for r in range(WORLD)] for m in range(3)]
+    cat = [[torch.cat([micro[m][r][i] for r in range(WORLD)]) for i in range(4)] for m in range(3)]
+    assert cat[2][1].numel() == 0 and cat[2][0].numel() > 0
+    leaves = _leaves(cat[2])
+    ins = [torch.cat([cat[0][i], cat[1][i], leaves[i]]) for i in range(4)]
+    ref = otloss.aot_loss(*ins, paired=False, beta=0.5)
+    ref.backward()
+    n_old = len(cat[0][0]) + len(cat[1][0])
+    ratio = (n_old + len(cat[2][0])) / len(cat[2][0])
+    for rank in range(WORLD):
+        got = results[rank]["memory"][2]
+        torch.testing.assert_close(got["loss"], ref.detach(), **TOL)
+        start = sum(len(micro[2][r][0]) for r in range(rank))
+        for i in (0, 2):  # the chosen side: scaled by W and N / n, as the earlier micro-batches
+            g = got["grads"][i]
+            torch.testing.assert_close(g, leaves[i].grad[start : start + len(g)] * WORLD * ratio, **TOL)
+        assert got["grads"][1].numel() == 0 and got["grads"][3].numel() == 0
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     "name,rank0,rank1",
@@ -355,6 +381,11 @@ def test_memory_with_global_batch(results):
         ("weights_one_rank", ("ValueError", "None on rank"), ("ValueError", "None on rank")),
         ("int_one_rank", ("RuntimeError", "rank(s) [1]"), ("TypeError", "floating-point")),
         ("empty_everywhere", ("ValueError", "empty on every rank"), ("ValueError", "empty on every rank")),
+        (
+            "empty_with_memory",
+            ("ValueError", "empty on every rank and in the memory"),
+            ("ValueError", "empty on every rank and in the memory"),
+        ),
         ("dtype_mix", ("TypeError", "one dtype"), ("TypeError", "one dtype")),
     ],
 )
