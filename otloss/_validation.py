@@ -220,13 +220,26 @@ def check_weights(w: object, values: Tensor, name: str, values_name: str, valida
     w = broadcast_weights(w, values, name, values_name)
     if w is None:
         return None
-    if validate and w.device.type != "meta":
-        check_finite(w, name)
-        if bool((w < 0).any()):
-            raise ValueError(f"{name} must be non-negative, got a minimum of {float(w.min())}")
-        if bool((w.sum(-1) <= 0).any()):
-            raise ValueError(f"{name} must sum to a positive number along the last dimension (each row)")
+    if validate:
+        check_weight_values(w, name)
     return normalise_weights(w)
+
+
+def check_weight_values(w: Tensor, name: str) -> None:
+    """The value checks of weights ``[..., n]``: finite, non-negative, a positive sum in every row.
+
+    Run in the weights' own dtype (finite float64 weights may exceed the compute dtype); meta tensors have
+    no values to check.
+    """
+    if w.device.type == "meta":
+        return
+    check_finite(w, name)
+    if bool((w < 0).any()):
+        raise ValueError(f"{name} must be non-negative, got a minimum of {float(w.min())}")
+    if bool((w.sum(-1) <= 0).any()):
+        raise ValueError(
+            f"{name} must sum to a positive number along the last dimension (each row needs a positive sum)"
+        )
 
 
 def check_pair(

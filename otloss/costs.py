@@ -229,16 +229,13 @@ class _Builtin(Cost):
         return hash((type(self).__name__, tuple(sorted(self._params))))
 
 
-_real = real_number
-
-
 class Logistic(_Builtin):
     """See :func:`logistic`. ``h(0) = log 2``, ``h'(0) = -beta (1 - 2 ls) / 2``."""
 
     name, kernel_id = "logistic", 0
 
     def __init__(self, beta: float = 1.0, label_smoothing: float = 0.0) -> None:
-        self.beta, self.ls = _real(beta, "beta"), _real(label_smoothing, "label_smoothing")
+        self.beta, self.ls = real_number(beta, "beta"), real_number(label_smoothing, "label_smoothing")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0 for the logistic cost, got {self.beta}")
         if not 0.0 <= self.ls <= 1.0:
@@ -264,7 +261,7 @@ class Hinge(_Builtin):
     name, kernel_id = "hinge", 1
 
     def __init__(self, beta: float = 0.0) -> None:
-        self.beta = _real(beta, "beta")
+        self.beta = real_number(beta, "beta")
         self.degree = 1.0 if self.beta == 0 else None
         super().__init__(beta=self.beta)
 
@@ -285,7 +282,7 @@ class SquaredHinge(_Builtin):
     name, kernel_id = "squared_hinge", 2
 
     def __init__(self, beta: float = 0.0) -> None:
-        self.beta = _real(beta, "beta")
+        self.beta = real_number(beta, "beta")
         self.degree = 2.0 if self.beta == 0 else None
         super().__init__(beta=self.beta)
 
@@ -306,7 +303,7 @@ class LeastSquares(_Builtin):
     name, kernel_id = "least_squares", 3
 
     def __init__(self, beta: float = 0.0) -> None:
-        self.beta = _real(beta, "beta")
+        self.beta = real_number(beta, "beta")
         self.even, self.degree = self.beta == 0, 2.0 if self.beta == 0 else None
         super().__init__(beta=self.beta)
 
@@ -344,7 +341,7 @@ class AbsPow(_Builtin):
     name, kernel_id, even = "abs_pow", 4, True
 
     def __init__(self, p: float = 1.0) -> None:
-        self.p = self.degree = _real(p, "p")
+        self.p = self.degree = real_number(p, "p")
         if self.p < 1:
             raise ValueError(f"p must be >= 1 for abs_pow to be convex, got {self.p}")
         super().__init__(p=self.p)

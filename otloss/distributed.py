@@ -221,13 +221,9 @@ def all_gather_variable(x: Tensor, group: Any = None, *, grad_scale: float = 1.0
         if not isinstance(x, Tensor):
             raise
         err = e
-    grad_scale = _check_scale(grad_scale, "grad_scale")
+    grad_scale = real_number(grad_scale, "grad_scale")
     check_group(group)
     return _gather_many([x], ["x"], [err], group, grad_scale)[0]  # type: ignore[return-value]
-
-
-def _check_scale(value: object, name: str) -> float:
-    return real_number(value, name)
 
 
 def check_group(group: object, name: str = "group") -> None:

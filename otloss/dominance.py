@@ -32,6 +32,7 @@ from torch import Tensor
 from otloss._validation import (
     check_dense_float,
     check_finite,
+    check_weight_values,
     compute_dtype,
     integer,
     normalise_weights,
@@ -318,10 +319,8 @@ def _weights(w: object, n: int, name: str, values: Tensor, validate: bool) -> Te
         raise ValueError(f"{name} must have shape [{n}], got {tuple(w.shape)}")
     if w.device != values.device:
         raise ValueError(f"{name} must be on the device of the samples ({values.device}), got {w.device}")
-    if validate and w.device.type != "meta":  # (meta: no values to check)
-        check_finite(w, name)
-        if bool((w < 0).any()) or not float(w.sum()) > 0:
-            raise ValueError(f"{name} must be non-negative with a positive sum")
+    if validate:
+        check_weight_values(w, name)
     # divided by the largest weight before the cast and any sum: huge finite weights cannot overflow
     return normalise_weights(w.detach()).to(values.dtype)
 

@@ -25,11 +25,12 @@ from otloss._validation import (
     compute_dtype,
     get_validate_args,
     plain_values,
+    real_number,
     resolve_validate,
     type_name,
     vmap_active,
 )
-from otloss.costs import Cost, ZeroOne, _real, get_cost, hinge, logistic, squared_hinge, zero_one
+from otloss.costs import Cost, ZeroOne, get_cost, hinge, logistic, squared_hinge, zero_one
 from otloss.coupling import merge_sorted_weights, merged_cost
 from otloss.distributed import (
     QuantileMemory,
@@ -642,8 +643,8 @@ _KEY_TYPES = (type(None), float, int)
 
 def _build_aot_cost(cost: CostArg, beta: float | None, label_smoothing: float) -> Cost:
     if beta is not None:
-        _real(beta, "beta")
-    label_smoothing = _real(label_smoothing, "label_smoothing")
+        real_number(beta, "beta")
+    label_smoothing = real_number(label_smoothing, "label_smoothing")
     if isinstance(cost, str):
         if cost not in _AOT_COSTS:
             raise ValueError(f"cost must be one of {list(_AOT_COSTS)}, a Cost or a callable for AOT, got {cost!r}")
